@@ -1,0 +1,117 @@
+"""A tiny random Llama family (base + fine-tunes) built in about a second, for tests.
+
+The fine-tunes differ from the base in structured ways so merge methods disagree:
+dense small changes in attention, sparse large changes in the MLP, and a low-rank change
+everywhere. Fully determined by the seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_CORPUS = (
+    "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Answer: 48 / 2 = 24. 48 + 24 = 72. #### 72\n"
+    "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(i * 2)\n"
+    "The capital of France is Paris. A. true B. false C. maybe D. never Answer: A\n"
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 + - * / = ( ) [ ] { } : , . ! ?\n"
+)
+
+
+def build_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(vocab_size: int, *, layers: int = 4, hidden: int = 64, tie_word_embeddings: bool = False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+FINETUNES = ("ft_math", "ft_code", "ft_knowledge")
+
+
+def build_tiny_family(
+    out_dir: str | Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, tie_word_embeddings: bool = False
+) -> dict[str, Path]:
+    """Writes base/ and one folder per fine-tune; returns {name: path}."""
+    from transformers import LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = tiny_config(len(tokenizer), layers=layers, hidden=hidden, tie_word_embeddings=tie_word_embeddings)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # real checkpoints have non-constant norm weights; init gives all ones
+        for name, param in base.named_parameters():
+            if param.dim() == 1:
+                param.mul_(1 + 0.1 * torch.randn(param.shape))
+    paths = {"base": out / "base"}
+    base.save_pretrained(paths["base"])
+    tokenizer.save_pretrained(paths["base"])
+    generator = torch.Generator().manual_seed(seed + 1)
+    state = base.state_dict()
+    for index, name in enumerate(FINETUNES):
+        tuned = {}
+        for key, weight in state.items():
+            noise = _delta(index, key, weight, generator)
+            tuned[key] = weight + noise
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(tuned)
+        paths[name] = out / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+def _delta(index: int, key: str, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    scale = weight.float().std().clamp(min=1e-3).item()
+    if index == 0:  # dense, small, mostly attention
+        strength = 0.10 if "self_attn" in key else 0.02
+        return torch.randn(weight.shape, generator=generator) * scale * strength
+    if index == 1:  # sparse, large, mostly MLP
+        keep = torch.rand(weight.shape, generator=generator) < (0.15 if "mlp" in key else 0.03)
+        return torch.randn(weight.shape, generator=generator) * scale * 0.5 * keep
+    if weight.dim() == 2:  # low rank everywhere
+        u = torch.randn(weight.shape[0], 2, generator=generator)
+        v = torch.randn(2, weight.shape[1], generator=generator)
+        return (u @ v) * scale * 0.05
+    return torch.randn(weight.shape, generator=generator) * scale * 0.05

@@ -1,0 +1,35 @@
+"""The merge engine: load sources once, materialise recipes into one resident model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.engine.engine import MergeEngine, MergeStats
+from evomerge.engine.export import save_checkpoint
+from evomerge.recipe import Recipe
+
+__all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "save_checkpoint"]
+
+
+def merge_to_checkpoint(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    allow_bin: bool = False,
+    progress: bool = True,
+) -> Path:
+    """`mergekit-yaml` equivalent: merge a recipe and write a Hugging Face checkpoint."""
+    engine = MergeEngine(
+        recipe.referenced_models(),
+        base_model=recipe.base_model,
+        device=device,
+        dtype=recipe.dtype,
+        out_dtype=recipe.out_dtype,
+        allow_bin=allow_bin,
+        delta_cache=False,  # one recipe: caching task vectors would only cost memory
+        progress=progress,
+    )
+    model = engine.materialize(recipe, seed=seed, progress=progress)
+    return save_checkpoint(model, recipe, engine.sources, out_dir)

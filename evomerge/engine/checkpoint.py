@@ -1,0 +1,268 @@
+"""Checkpoint I/O: find a source model, read its config, check its tensors, load them.
+
+Sources are local directories, single GGUF files, or Hugging Face ids already in the local
+cache (downloaded only when the hub is reachable and HF_HUB_OFFLINE is not set). Weights come
+from safetensors (single or sharded); pickled `.bin` weights run code on load, so they are
+refused unless the caller opts in; GGUF files are dequantized through transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from evomerge.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class SourceModel:
+    """A located checkpoint: where its files are and what kind they are."""
+
+    ref: str  # as written in the recipe
+    path: Path  # directory holding config and weights
+    kind: str  # "safetensors" | "bin" | "gguf"
+    files: list[Path] = field(default_factory=list)
+    gguf_file: str | None = None
+    _config: PretrainedConfig | None = None
+    _shapes: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def config(self) -> PretrainedConfig:
+        if self._config is None:
+            try:
+                kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+                self._config = AutoConfig.from_pretrained(self.path, **kwargs)
+            except Exception as exc:  # transformers raises many types for a broken config
+                raise CheckpointError(f"model '{self.ref}': cannot read its config: {_one_line(exc)}") from None
+        return self._config
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Names and shapes from the safetensors headers (no data read); None for other kinds."""
+        if self.kind != "safetensors":
+            return None
+        if self._shapes is None:
+            from safetensors import safe_open
+
+            shapes: dict[str, tuple[int, ...]] = {}
+            for file in self.files:
+                with _open_safetensors(file, self.ref) as handle:
+                    for name in handle.keys():
+                        shapes[name] = tuple(handle.get_slice(name).get_shape())
+            self._shapes = shapes
+        return self._shapes
+
+    def iter_tensors(
+        self, names: set[str], dtype: torch.dtype, device: torch.device
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (name, tensor) for the requested names, one tensor in memory at a time."""
+        if self.kind == "safetensors":
+            for file in self.files:
+                with _open_safetensors(file, self.ref) as handle:
+                    for name in handle.keys():
+                        if name in names:
+                            try:
+                                tensor = handle.get_tensor(name)
+                            except Exception as exc:
+                                raise CheckpointError(
+                                    f"model '{self.ref}': {file.name}: tensor '{name}' is unreadable "
+                                    f"(truncated or corrupt file?): {_one_line(exc)}"
+                                ) from None
+                            yield name, tensor.to(device=device, dtype=dtype)
+        elif self.kind == "bin":
+            for file in self.files:
+                try:
+                    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as exc:
+                    raise CheckpointError(f"model '{self.ref}': {file.name}: cannot read: {_one_line(exc)}") from None
+                for name, tensor in state.items():
+                    if name in names:
+                        yield name, tensor.to(device=device, dtype=dtype)
+                del state
+        else:
+            yield from self._iter_through_transformers(names, dtype, device)
+
+    def _iter_through_transformers(self, names, dtype, device):
+        """GGUF (and checkpoints whose tensor names transformers renames) load as a model."""
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **kwargs)
+        except Exception as exc:
+            raise CheckpointError(f"model '{self.ref}': transformers cannot load it: {_one_line(exc)}") from None
+        for name, tensor in model.state_dict().items():
+            if name in names:
+                yield name, tensor.to(device=device, dtype=dtype)
+        del model
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint declares (config), else that of its first floating tensor."""
+        declared = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        if isinstance(declared, str):
+            declared = getattr(torch, declared, None)
+        if isinstance(declared, torch.dtype) and declared.is_floating_point:
+            return declared
+        if self.kind == "safetensors":
+            from safetensors import safe_open
+
+            with _open_safetensors(self.files[0], self.ref) as handle:
+                for name in handle.keys():
+                    tensor = handle.get_slice(name)
+                    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                             "F64": torch.float64}.get(tensor.get_dtype())
+                    if dtype is not None:
+                        return dtype
+        return torch.float32
+
+    def tokenizer_dir(self) -> Path | None:
+        if any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return self.path
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+class _open_safetensors:
+    """safe_open with errors that name the model and file."""
+
+    def __init__(self, file: Path, ref: str):
+        self.file, self.ref = file, ref
+
+    def __enter__(self):
+        from safetensors import safe_open
+
+        try:
+            self.handle = safe_open(str(self.file), framework="pt", device="cpu")
+        except Exception as exc:
+            raise CheckpointError(
+                f"model '{self.ref}': {self.file.name} is not a readable safetensors file "
+                f"(truncated or corrupt?): {_one_line(exc)}"
+            ) from None
+        size = self.file.stat().st_size
+        end = _safetensors_data_end(self.file)
+        if end is not None and size < end:
+            raise CheckpointError(
+                f"model '{self.ref}': {self.file.name} is truncated ({size} bytes, header promises {end})"
+            )
+        return self.handle
+
+    def __exit__(self, *exc):
+        self.handle = None
+        return False
+
+
+def _safetensors_data_end(file: Path) -> int | None:
+    """Bytes a safetensors file must have according to its header."""
+    try:
+        with open(file, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError):
+        return None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + header_len + max(ends, default=0)
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """'path_or_id@revision' -> (path_or_id, revision)."""
+    if "+" in ref and not os.path.exists(ref):
+        raise CheckpointError(
+            f"model '{ref}': LoRA references (model+adapter) are not supported; merge the adapter into "
+            "full weights first (peft's merge_and_unload)"
+        )
+    if ref.count("@") > 1:
+        raise CheckpointError(f"model '{ref}': more than one '@' (use path@revision)")
+    if "@" in ref and not os.path.exists(ref):
+        path, revision = ref.split("@")
+        return path, revision
+    return ref, None
+
+
+def locate(ref: str, *, allow_bin: bool = False) -> SourceModel:
+    """Finds a model's files from a recipe reference."""
+    name, revision = parse_ref(ref)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return SourceModel(ref, path.parent, "gguf", [path], gguf_file=path.name)
+    if not path.is_dir():
+        path = _from_hub_cache(ref, name, revision)
+    return _inspect_dir(ref, path, allow_bin)
+
+
+def _inspect_dir(ref: str, path: Path, allow_bin: bool) -> SourceModel:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"model '{ref}': {index.name} is malformed: {_one_line(exc)}") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"model '{ref}': shard(s) listed in {index.name} are missing: {', '.join(missing)}")
+        return SourceModel(ref, path, "safetensors", files)
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        return SourceModel(ref, path, "safetensors", safetensors)
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        if not allow_bin:
+            raise CheckpointError(
+                f"model '{ref}': only pickled .bin weights found; loading pickles can run arbitrary code. "
+                "Convert to safetensors, or pass --allow-bin if you trust this model"
+            )
+        return SourceModel(ref, path, "bin", bins)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return SourceModel(ref, path, "gguf", ggufs, gguf_file=ggufs[0].name)
+    if len(ggufs) > 1:
+        raise CheckpointError(f"model '{ref}': several .gguf files; name one in the recipe: {ggufs[0]}")
+    raise CheckpointError(f"model '{ref}': no weights in {path} (expected *.safetensors, pytorch_model*.bin or *.gguf)")
+
+
+def _from_hub_cache(ref: str, repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"model '{ref}': no such directory, and not a Hugging Face id (org/name)")
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.gguf"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise CheckpointError(
+            f"model '{ref}': not a local directory and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+        )
+    try:
+        log.info("downloading %s from the Hugging Face hub", repo_id)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise CheckpointError(
+            f"model '{ref}': not a local directory, not in the Hugging Face cache, and the hub did not answer: "
+            f"{_one_line(exc)}"
+        ) from None

@@ -1,0 +1,52 @@
+"""Device and dtype selection, and how much memory is left to spend."""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+from evomerge.errors import EvomergeError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None, *, field: str = "dtype") -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = name.removeprefix("torch.")
+    if key not in DTYPES:
+        raise EvomergeError(f"{field}: unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """'auto' means CUDA when present, else CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvomergeError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def compute_dtype(storage: torch.dtype) -> torch.dtype:
+    """Merge arithmetic runs in float32 (float64 stays float64): half precision loses the small deltas."""
+    return torch.float64 if storage == torch.float64 else torch.float32
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)

@@ -1,0 +1,355 @@
+"""The merge engine: sources resident on one device, recipes materialised in place.
+
+Loading happens once: every source tensor goes into a stack `[n_models, *shape]` on the chosen
+device and dtype. Each recipe is then planned (no tensors) and executed tensor by tensor
+straight into the parameters of one preallocated transformers model, so a candidate costs one
+pass over the sources and no disk I/O. Memory: the sources, the task-vector cache when it fits,
+one model, and scratch for the largest tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from evomerge.engine.checkpoint import SourceModel, locate
+from evomerge.engine.device import available_bytes, compute_dtype, dtype_name, parse_dtype, resolve_device
+from evomerge.engine.plan import Job, Layout, Plan, plan_recipe
+from evomerge.errors import ArchitectureMismatch, CheckpointError, MergeFailure, RecipeError
+from evomerge.methods.kernels import weighted_sum
+from evomerge.methods.registry import Inputs
+from evomerge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# Config keys that must agree for two checkpoints to be merged tensor by tensor.
+_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "vocab_size")
+
+
+@dataclass
+class MergeStats:
+    tensors: int = 0
+    fused: int = 0  # tensors merged by the fused weighted-sum path
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: random methods give the same result whatever order tensors run in."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MergeEngine:
+    """Holds source models resident and writes recipes into one model.
+
+    models:   recipe references (local dirs, .gguf files, Hugging Face ids in the cache)
+    base_model: reference whose config shapes the output (default: the first model)
+    dtype:    dtype the sources are held in (default: the base checkpoint's)
+    out_dtype: dtype of the output model (default: dtype)
+    delta_cache: cache task vectors (source - base) across recipes: True, False or "auto"
+                 (when they fit in the free memory of the device, with a 25% margin)
+    """
+
+    def __init__(
+        self,
+        models: Iterable[str],
+        *,
+        base_model: str | None = None,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = None,
+        out_dtype: str | torch.dtype | None = None,
+        allow_bin: bool = False,
+        delta_cache: bool | str = "auto",
+        progress: bool = True,
+    ):
+        refs = list(dict.fromkeys(models))
+        if base_model is not None and base_model not in refs:
+            refs.insert(0, base_model)
+        if not refs:
+            raise RecipeError("no source models given")
+        self.device = resolve_device(device)
+        self.progress = progress
+        self.sources: dict[str, SourceModel] = {ref: locate(ref, allow_bin=allow_bin) for ref in refs}
+        self.refs = refs
+        self.reference = base_model or refs[0]
+        reference = self.sources[self.reference]
+        self.dtype = parse_dtype(dtype) or reference.stored_dtype()
+        self.out_dtype = parse_dtype(out_dtype, field="out_dtype") or self.dtype
+        self.compute_dtype = compute_dtype(self.dtype)
+        self.delta_cache_mode = delta_cache
+
+        self.model_layers = {ref: self._num_layers(src) for ref, src in self.sources.items()}
+        self._check_architectures()
+        skeleton = self._build_model(self.model_layers[self.reference])
+        self.layout = Layout.of(skeleton, self.model_layers[self.reference])
+        self._check_tensors(skeleton)
+        self._model: nn.Module | None = skeleton
+        self._load()
+        self._deltas: dict[str, torch.Tensor] = {}
+        self._delta_base: str | tuple | None = None
+        self.last_stats = MergeStats()
+
+    # ------------------------------------------------------------------ setup
+
+    def _num_layers(self, source: SourceModel) -> int:
+        layers = getattr(source.config, "num_hidden_layers", None)
+        if not isinstance(layers, int):
+            raise CheckpointError(f"model '{source.ref}': config has no num_hidden_layers")
+        return layers
+
+    def _check_architectures(self) -> None:
+        ref_cfg = self.sources[self.reference].config
+        for ref, source in self.sources.items():
+            cfg = source.config
+            if cfg.model_type != ref_cfg.model_type:
+                raise ArchitectureMismatch(
+                    f"model '{ref}' is a {cfg.model_type} model, but '{self.reference}' is {ref_cfg.model_type}"
+                )
+            for key in _SHAPE_KEYS:
+                a, b = getattr(cfg, key, None), getattr(ref_cfg, key, None)
+                if a != b:
+                    raise ArchitectureMismatch(
+                        f"model '{ref}' has {key}={a}, but '{self.reference}' has {key}={b}"
+                    )
+
+    def _model_names(self, ref: str) -> list[str]:
+        return self.layout.names(self.model_layers[ref])
+
+    def _check_tensors(self, skeleton: nn.Module) -> None:
+        """Every source must have every tensor with the output model's shape, checked from the
+        safetensors headers before anything is loaded."""
+        params = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
+        per_layer = {s: params[self.layout.layer_name(0, s)] for s in self.layout.layer_suffixes}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for ref in self.refs:
+            for layer in range(self.model_layers[ref]):
+                for suffix, shape in per_layer.items():
+                    self.shapes[self.layout.layer_name(layer, suffix)] = shape
+        for name in (*self.layout.pre, *self.layout.post):
+            self.shapes[name] = params[name]
+        for ref in self.refs:
+            shapes = self.sources[ref].tensor_shapes()
+            if shapes is None:
+                continue  # GGUF / .bin: checked when loaded
+            for name in self._model_names(ref):
+                if name not in shapes:
+                    raise ArchitectureMismatch(f"model '{ref}' has no tensor '{name}'")
+                if shapes[name] != self.shapes[name]:
+                    raise ArchitectureMismatch(
+                        f"model '{ref}': tensor '{name}' has shape {list(shapes[name])}, "
+                        f"expected {list(self.shapes[name])}"
+                    )
+
+    def _load(self) -> None:
+        """Reads every source once into per-tensor stacks on the device."""
+        self.rows: dict[str, dict[str, int]] = {}  # tensor name -> {model ref: row}
+        for ref in self.refs:
+            for name in self._model_names(ref):
+                rows = self.rows.setdefault(name, {})
+                rows[ref] = len(rows)
+        self.stacks: dict[str, torch.Tensor] = {
+            name: torch.empty((len(rows), *self.shapes[name]), dtype=self.dtype, device=self.device)
+            for name, rows in self.rows.items()
+        }
+        total = sum(len(self._model_names(r)) for r in self.refs)
+        with tqdm(total=total, desc="loading sources", unit="tensor", disable=not self.progress) as bar:
+            for ref in self.refs:
+                wanted = set(self._model_names(ref))
+                loaded = set()
+                for name, tensor in self.sources[ref].iter_tensors(wanted, self.dtype, self.device):
+                    target = self.stacks[name][self.rows[name][ref]]
+                    if tuple(tensor.shape) != tuple(target.shape):
+                        raise ArchitectureMismatch(
+                            f"model '{ref}': tensor '{name}' has shape {list(tensor.shape)}, expected {list(target.shape)}"
+                        )
+                    target.copy_(tensor)
+                    loaded.add(name)
+                    bar.update(1)
+                missing = wanted - loaded
+                if missing:
+                    raise ArchitectureMismatch(f"model '{ref}' has no tensor '{sorted(missing)[0]}' ({len(missing)} missing)")
+        log.info(
+            "loaded %d source models (%s, %s) on %s: %.2f GB resident",
+            len(self.refs), dtype_name(self.dtype), self.sources[self.reference].config.model_type,
+            self.device, self.source_bytes / 1e9,
+        )
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stacks.values())
+
+    def source_tensor(self, ref: str, name: str) -> torch.Tensor:
+        return self.stacks[name][self.rows[name][ref]]
+
+    # ------------------------------------------------------------------ output model
+
+    def output_config(self, plan: Plan):
+        config = copy.deepcopy(self.sources[self.reference].config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # GGUF sources: the merged model is plain weights
+        config.num_hidden_layers = plan.num_layers
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, list):
+            config.layer_types = [
+                self.sources[model].config.layer_types[layer] for model, layer in plan.layer_origin
+            ]
+        config.dtype = self.out_dtype
+        return config
+
+    def _build_model(self, num_layers: int, config=None) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        if config is None:
+            config = copy.deepcopy(self.sources[self.reference].config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.num_hidden_layers = num_layers
+        with no_init_weights(), torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.out_dtype)
+        model.tie_weights()  # skipped under no_init_weights; tied weights must be one parameter
+        model.requires_grad_(False)
+        return model.eval()
+
+    def model_for(self, plan: Plan) -> nn.Module:
+        """The resident output model, rebuilt only when a recipe changes the layer count."""
+        if self._model is None or self._model.config.num_hidden_layers != plan.num_layers:
+            self._model = None  # free the old one first
+            self._model = self._build_model(plan.num_layers, self.output_config(plan))
+        return self._model
+
+    # ------------------------------------------------------------------ merging
+
+    def plan(self, recipe: Recipe) -> Plan:
+        if recipe.dtype and parse_dtype(recipe.dtype) != self.dtype:
+            raise RecipeError(
+                f"dtype: recipe asks for {recipe.dtype} but the sources are resident in {dtype_name(self.dtype)}; "
+                "load the engine with that dtype"
+            )
+        if recipe.out_dtype and parse_dtype(recipe.out_dtype) != self.out_dtype:
+            raise RecipeError(
+                f"out_dtype: recipe asks for {recipe.out_dtype} but the output model is {dtype_name(self.out_dtype)}"
+            )
+        return plan_recipe(recipe, self.layout, self.model_layers)
+
+    def materialize(self, recipe: Recipe, seed: int = 0, *, check_finite: bool = True, progress: bool = False) -> nn.Module:
+        """Writes the recipe's weights into the resident model and returns it.
+
+        Raises RecipeError for structural problems (before any arithmetic) and MergeFailure
+        when the merge itself fails or gives NaN/inf weights.
+        """
+        plan = self.plan(recipe)
+        model = self.model_for(plan)
+        params = dict(model.named_parameters())
+        stats = MergeStats()
+        for job in tqdm(plan.jobs, desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress):
+            target = params[job.name]
+            try:
+                self._run(plan, job, target.data, seed, stats)
+            except (MergeFailure, RecipeError):
+                raise
+            except Exception as exc:  # a method's ValueError, an out-of-memory: this candidate fails
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                reason = "out of memory" if _is_oom(exc) else " ".join(str(exc).split())
+                raise MergeFailure(f"{plan.method.name} failed on tensor {job.name}: {reason}") from exc
+            if check_finite and not bool(torch.isfinite(target).all()):
+                raise MergeFailure(f"{plan.method.name} produced NaN/inf in tensor {job.name}")
+        self.last_stats = stats
+        return model
+
+    def _run(self, plan: Plan, job: Job, out: torch.Tensor, seed: int, stats: MergeStats) -> None:
+        method = plan.method
+        tensors = [self.source_tensor(model, name) for model, name in job.sources]
+        stats.tensors += 1
+        stats.bytes_written += out.numel() * out.element_size()
+        coefficients = method.coefficients(len(tensors), job.base_index, **job.params) if method.coefficients else None
+        if coefficients is not None:
+            stats.fused += 1
+            stats.bytes_read += sum(t.numel() * t.element_size() for t, c in zip(tensors, coefficients) if c != 0)
+            weighted_sum(tensors, coefficients, out=out)
+            return
+        stats.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
+        work = tuple(t.to(self.compute_dtype) for t in tensors)
+        deltas = None
+        if job.base_index is not None and self._deltas_ready(job.sources[job.base_index][0]):
+            deltas = tuple(
+                self._delta(model, name).to(self.compute_dtype)
+                for i, (model, name) in enumerate(job.sources)
+                if i != job.base_index
+            )
+        generator = None
+        if method.random:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(tensor_seed(seed, job.name))
+        result = method(Inputs(work, job.base_index, deltas), generator=generator, **job.params)
+        if result.shape != out.shape:
+            raise MergeFailure(
+                f"{method.name} returned shape {list(result.shape)} for tensor {job.name}, expected {list(out.shape)}"
+            )
+        out.copy_(result)
+
+    # ------------------------------------------------------------------ task-vector cache
+
+    def _delta(self, model: str, name: str) -> torch.Tensor:
+        return self._deltas[name][self._delta_rows[name][model]]
+
+    def _deltas_ready(self, base: str) -> bool:
+        """Task vectors against `base`, computed on first need (one pass) and kept while the
+        recipes use that base, when caching is on and they fit."""
+        if self.delta_cache_mode is False:
+            return False
+        if base == self._delta_base:
+            return True
+        if self._delta_base == ("skipped", base):
+            return False
+        self._deltas, self._delta_base = {}, None
+        size = sum(
+            self.stacks[name][0].numel() * self.stacks[name].element_size() * (len(rows) - 1)
+            for name, rows in self.rows.items()
+            if base in rows
+        )
+        if self.delta_cache_mode == "auto":
+            free = available_bytes(self.device)
+            if size * 1.25 > free:
+                log.info("task-vector cache skipped: needs %.2f GB, %.2f GB free", size / 1e9, free / 1e9)
+                self._delta_base = ("skipped", base)
+                return False
+        self._delta_rows: dict[str, dict[str, int]] = {}
+        for name, rows in self.rows.items():
+            if base not in rows:
+                continue
+            members = [r for r in rows if r != base]
+            stack = self.stacks[name]
+            base_row = stack[rows[base]]
+            deltas = torch.empty((len(members), *base_row.shape), dtype=self.dtype, device=self.device)
+            for i, ref in enumerate(members):
+                torch.sub(stack[rows[ref]], base_row, out=deltas[i])
+            self._deltas[name] = deltas
+            self._delta_rows[name] = {ref: i for i, ref in enumerate(members)}
+        self._delta_base = base
+        log.info("cached task vectors against '%s' (%.2f GB)", base, size / 1e9)
+        return True
+
+    def release(self) -> None:
+        """Frees the resident tensors (the engine is unusable afterwards)."""
+        self.stacks.clear()
+        self._deltas.clear()
+        self._model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc) or (
+        "out of memory" in str(exc).lower()
+    )

@@ -1,0 +1,117 @@
+"""Writing a merged model as a Hugging Face checkpoint: safetensors, config, tokenizer, and a
+model card embedding the recipe (plus mergekit_config.yml, so the folder reads like mergekit's)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch.nn as nn
+
+from evomerge import __version__
+from evomerge.engine.checkpoint import TOKENIZER_FILES, SourceModel
+from evomerge.errors import CheckpointError, RecipeError
+from evomerge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_donor(recipe: Recipe, sources: dict[str, SourceModel]) -> SourceModel:
+    choice = recipe.tokenizer_source
+    default = recipe.base_model or recipe.referenced_models()[0]
+    if choice in (None, "base"):
+        return sources[default]
+    if choice == "union":
+        vocabularies = {ref: _vocab_signature(src) for ref, src in sources.items()}
+        if len(set(vocabularies.values())) > 1:
+            raise RecipeError(
+                "tokenizer_source: 'union' needs token surgery, which evomerge does not do: the sources' "
+                "vocabularies differ; pick one model's tokenizer"
+            )
+        return sources[default]
+    if choice not in sources:
+        raise RecipeError(f"tokenizer_source: model '{choice}' is not one of the recipe's models")
+    return sources[choice]
+
+
+def _vocab_signature(source: SourceModel) -> str:
+    path = source.path / "tokenizer.json"
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    return str(getattr(source.config, "vocab_size", ""))
+
+
+def _load_tokenizer(source: SourceModel):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except Exception as exc:
+        raise CheckpointError(f"model '{source.ref}': cannot load its tokenizer: {' '.join(str(exc).split())}") from None
+
+
+def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Path) -> None:
+    donor = tokenizer_donor(recipe, sources)
+    template = recipe.chat_template
+    if template == "auto":
+        templates = [t for t in (_load_tokenizer(s).chat_template for s in sources.values()) if t]
+        template = Counter(t.strip() for t in templates).most_common(1)[0][0] if templates else None
+    elif template is not None and "{" not in template:
+        raise RecipeError(
+            f"chat_template: named templates ({template!r}) are not bundled with evomerge; give the Jinja text or 'auto'"
+        )
+    if donor.gguf_file is None and donor.tokenizer_dir() is None:
+        log.warning("model '%s' has no tokenizer files; the merged checkpoint has none either", donor.ref)
+        return
+    if donor.gguf_file is None and template is None:
+        for name in TOKENIZER_FILES:
+            if (donor.path / name).exists():
+                shutil.copy(donor.path / name, out_dir / name)
+        return
+    tokenizer = _load_tokenizer(donor)
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(out_dir)
+
+
+def model_card(recipe: Recipe, name: str) -> str:
+    models = "\n".join(f"- {ref}" for ref in recipe.referenced_models())
+    return f"""---
+library_name: transformers
+tags:
+- merge
+- evomerge
+- mergekit
+---
+# {name}
+
+This model was merged with [evomerge](https://github.com/evomerge/evomerge) {__version__}
+using the **{recipe.merge_method}** method. The recipe below is a mergekit configuration:
+`mergekit-yaml mergekit_config.yml OUT` or `evomerge merge mergekit_config.yml OUT` reproduces it.
+
+## Models merged
+{models}
+
+## Configuration
+
+```yaml
+{recipe.to_yaml().rstrip()}
+```
+"""
+
+
+def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(out, safe_serialization=True)
+    save_tokenizer(recipe, sources, out)
+    recipe.save(out / "mergekit_config.yml")
+    (out / "README.md").write_text(model_card(recipe, out.name), encoding="utf-8")
+    log.info("wrote %s", out)
+    return out

@@ -1,0 +1,30 @@
+"""Logging setup shared by the CLI and library entry points."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = None) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if log_file else level)
+    if not any(getattr(h, "_evomerge", False) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setLevel(level)
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        console._evomerge = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    if log_file is not None:
+        path = os.fspath(log_file)
+        if not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
+            handler = logging.FileHandler(path, encoding="utf-8")
+            handler.setLevel(logging.DEBUG)
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            root.addHandler(handler)
+    # Third-party chatter that drowns what happened.
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "lm_eval", "transformers", "fsspec"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

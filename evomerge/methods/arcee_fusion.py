@@ -1,0 +1,50 @@
+"""arcee_fusion: keep only the changes whose importance (|delta| times the KL divergence of the
+rows' softmax) is an outlier: above median + 1.5 * IQR."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, register
+
+# Quantiles of larger tensors are estimated from this many samples (with replacement).
+QUANTILE_SAMPLES = 1_000_000
+
+
+def _quantiles(values: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    flat = values.reshape(-1)
+    if flat.numel() > QUANTILE_SAMPLES:
+        picks = torch.randint(flat.numel(), (QUANTILE_SAMPLES,), device=flat.device, generator=generator)
+        flat = flat[picks]
+    ordered = torch.sort(flat).values
+    return ordered[(q.to(ordered.device) * (ordered.numel() - 1)).long()]
+
+
+def importance(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    p = F.softmax(tensor, dim=-1) + 1e-8
+    q = F.softmax(base, dim=-1) + 1e-8
+    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return (tensor - base).abs() * kl
+
+
+def arcee_fusion(inputs: Inputs, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    base = inputs.base
+    (other,) = inputs.others
+    scores = importance(other, base)
+    q1, median, q3 = _quantiles(scores, torch.tensor([0.25, 0.5, 0.75]), generator)
+    mask = (scores >= median + 1.5 * (q3 - q1)).to(base.dtype)
+    return base + (other - base) * mask
+
+
+register(
+    MergeMethod(
+        name="arcee_fusion",
+        fn=arcee_fusion,
+        base=BasePolicy.REQUIRED,
+        min_inputs=2,
+        max_inputs=2,
+        random=True,  # only for tensors above QUANTILE_SAMPLES elements
+        reference="https://arcee.ai",
+    )
+)

@@ -1,0 +1,60 @@
+"""RAM (Reinforced Agent Merging): entries changed by one model keep that change; entries
+changed by several are averaged over the models that changed them. ramplus_tl boosts each
+model's unique entries by how much it overlaps with the others (tensor-local RAM+)."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, register
+
+
+def _contributions(inputs: Inputs, epsilon: float):
+    vectors = torch.stack(inputs.task_vectors()).view(len(inputs.others), -1)
+    changed = vectors.abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    return vectors * changed, changed, counts, counts > 1, counts == 1
+
+
+def ram(inputs: Inputs, *, epsilon: float = 1e-5) -> torch.Tensor:
+    base = inputs.base
+    if not inputs.others:
+        return base
+    vectors, _changed, counts, shared, unique = _contributions(inputs, epsilon)
+    merged = (vectors * unique + vectors * shared / counts.clamp(min=1)).sum(dim=0)
+    return base + merged.view_as(base)
+
+
+def ramplus_tl(inputs: Inputs, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+    base = inputs.base
+    if not inputs.others:
+        return base
+    vectors, changed, counts, shared, unique = _contributions(inputs, epsilon)
+    rho = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)
+    boost = 1 + r * rho.clamp(min=0, max=alpha)
+    merged = (vectors * unique * boost.unsqueeze(-1) + vectors * shared / counts.clamp(min=1)).sum(dim=0)
+    return base + merged.view_as(base)
+
+
+register(
+    MergeMethod(
+        name="ram",
+        fn=ram,
+        params=(Param("epsilon", float, default=1e-5),),
+        base=BasePolicy.REQUIRED,
+        reference="https://arxiv.org/abs/2601.13572",
+    )
+)
+register(
+    MergeMethod(
+        name="ramplus_tl",
+        fn=ramplus_tl,
+        params=(
+            Param("r", float, default=0.1),
+            Param("alpha", float, default=0.2),
+            Param("epsilon", float, default=1e-5),
+        ),
+        base=BasePolicy.REQUIRED,
+        reference="https://arxiv.org/abs/2601.13572",
+    )
+)

@@ -1,0 +1,58 @@
+"""SCE: Select the entries where the fine-tunes disagree most (top variance), Calculate
+per-model weights from task-vector energy, Erase minority signs, then average."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, in_range, register
+from evomerge.methods.task_arithmetic import sign_consensus
+
+
+def _select_mask(vectors: torch.Tensor, fraction: float) -> torch.Tensor:
+    if fraction <= 0:
+        return torch.zeros_like(vectors[0])
+    if fraction >= 1:
+        return torch.ones_like(vectors[0])
+    variance = torch.var(vectors, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(variance) * fraction)
+    mask = torch.zeros_like(variance)
+    if k > 0:
+        mask.view(-1)[torch.topk(variance.abs().view(-1), k=k).indices] = 1
+    return mask
+
+
+def _energy_weights(vectors: torch.Tensor) -> torch.Tensor:
+    energy = vectors.square().reshape(vectors.shape[0], -1).mean(dim=1)
+    total = energy.sum().item()
+    if abs(total) < 1e-6:
+        return torch.ones_like(energy) / energy.shape[0]
+    return energy / total
+
+
+def sce(inputs: Inputs, *, int8_mask: bool = False, select_topk: float = 1.0) -> torch.Tensor:
+    base = inputs.base
+    if not inputs.others:
+        return base
+    vectors = torch.stack(inputs.task_vectors())
+    if select_topk < 1:
+        vectors = vectors * _select_mask(vectors, select_topk).unsqueeze(0)
+    keep = sign_consensus(vectors)
+    weights = _energy_weights(vectors).view(-1, *([1] * base.dim()))
+    kept_weights = weights * keep
+    merged = (vectors * kept_weights).sum(dim=0) / kept_weights.sum(dim=0).clamp(min=1e-6)
+    return base + merged
+
+
+register(
+    MergeMethod(
+        name="sce",
+        fn=sce,
+        params=(
+            Param("int8_mask", bool, default=False),
+            Param("select_topk", float, default=1.0, check=in_range(0, 1)),
+        ),
+        base=BasePolicy.REQUIRED,
+        reference="https://arxiv.org/abs/2408.07990",
+    )
+)

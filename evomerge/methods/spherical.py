@@ -1,0 +1,202 @@
+"""The spherical family: interpolate on the hypersphere instead of along the chord.
+
+slerp (two models, base first), nuslerp (two models, optionally around a base, t from the
+weights), multislerp (any number, barycentric in a tangent space) and karcher (the weighted
+Riemannian mean by fixed-point iteration).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from evomerge.methods.kernels import accumulation_dtype
+from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, Scope, register
+
+# Cosines closer to ±1 than this fall back to linear interpolation (mergekit's threshold).
+SLERP_DOT_THRESHOLD = 0.9995
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors, t=0 gives v0; near-parallel pairs lerp."""
+    dtype = accumulation_dtype(v0.dtype)
+    a = v0.reshape(-1).to(dtype)
+    b = v1.reshape(-1).to(dtype)
+    if a.numel() == 0:
+        return v0.clone()
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
+    norm_b = norm_b if norm_b > eps else torch.ones_like(norm_b)
+    dot = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1).item()
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        sin_theta = math.sin(theta)
+        coef_a = math.sin((1 - t) * theta) / sin_theta
+        coef_b = math.sin(t * theta) / sin_theta
+    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+
+
+def slerp(inputs: Inputs, *, t: float) -> torch.Tensor:
+    other = inputs.others[0]
+    return slerp_tensors(t, inputs.base, other)
+
+
+def nuslerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool, eps: float = 1e-8
+) -> torch.Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    cos_theta = (unit(v0) * unit(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp(inputs: Inputs, *, weight, nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True) -> torch.Tensor:
+    total = weight[0] + weight[1]
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    options = {"row_wise": nuslerp_row_wise, "flatten": nuslerp_flatten}
+    if inputs.base is not None:
+        d0, d1 = inputs.task_vectors()
+        return inputs.base + nuslerp_tensors(t, d0, d1, **options)
+    v0, v1 = inputs.others
+    return nuslerp_tensors(t, v0, v1, **options)
+
+
+def multislerp(inputs: Inputs, *, weight, normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    others = inputs.others
+    if len(others) == 1:
+        return others[0]
+    base = inputs.base
+    points = torch.stack(inputs.task_vectors() if base is not None else others)
+    flat = points.view(points.shape[0], -1)
+    weights = torch.tensor([float(w) for w in weight], dtype=points.dtype, device=points.device)
+    if normalize_weights:
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if points.shape[0] != 2:
+            raise ValueError(
+                "multislerp: the weighted inputs cancel out (antipodal inputs with balancing weights); change the weights"
+            )
+        result = (points[0] * weights[0] + points[1] * weights[1]).view(points.shape[1:])
+        return result if base is None else result + base
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * weights.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * weights).sum()).view(points.shape[1:])
+    return result if base is None else result + base
+
+
+def karcher_mean(tensors, alphas, *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """Weighted Karcher (Fréchet) mean of the directions, scaled by the weighted mean norm."""
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = accumulation_dtype(tensors[0].dtype)
+    norms = [torch.linalg.vector_norm(x.to(dtype)) for x in tensors]
+    units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    points = [units[i] for i in valid]
+
+    mean = torch.zeros_like(points[0])
+    for w, u in zip(weights, points):
+        mean += w * u
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = points[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, points):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += w * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    scale = sum(a * n for a, n in zip(alphas, norms))
+    return scale * mean
+
+
+def karcher(inputs: Inputs, *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    n = len(inputs.tensors)
+    return karcher_mean(list(inputs.tensors), [1.0 / n] * n, max_iter=max_iter, tol=tol)
+
+
+register(
+    MergeMethod(
+        name="slerp",
+        fn=slerp,
+        params=(Param("t", float),),
+        base=BasePolicy.REQUIRED,
+        min_inputs=2,
+        max_inputs=2,
+        reference="https://en.wikipedia.org/wiki/Slerp",
+    )
+)
+register(
+    MergeMethod(
+        name="nuslerp",
+        fn=nuslerp,
+        params=(
+            Param("weight", float, Scope.NON_BASE),
+            Param("nuslerp_row_wise", bool, default=False),
+            Param("nuslerp_flatten", bool, default=True),
+        ),
+        base=BasePolicy.OPTIONAL,
+        min_non_base=2,
+        max_non_base=2,
+    )
+)
+register(
+    MergeMethod(
+        name="multislerp",
+        fn=multislerp,
+        params=(
+            Param("weight", float, Scope.NON_BASE),
+            Param("normalize_weights", bool, default=True),
+            Param("eps", float, default=1e-8),
+        ),
+        base=BasePolicy.OPTIONAL,
+        min_non_base=1,
+        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    )
+)
+register(
+    MergeMethod(
+        name="karcher",
+        fn=karcher,
+        params=(Param("max_iter", int, default=10), Param("tol", float, default=1e-5)),
+        reference="https://arxiv.org/abs/2603.04972",
+    )
+)

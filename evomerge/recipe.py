@@ -1,0 +1,342 @@
+"""The recipe: mergekit's merge configuration, validated, resolved and round-tripped as YAML.
+
+This is the hinge of evomerge. The search writes recipes, the engine reads them, the reporter
+saves them, and `mergekit-yaml` accepts every recipe this module writes.
+
+A parameter setting is one of
+  - a scalar:                     `weight: 0.5`
+  - a gradient (list of scalars): `t: [0, 0.5, 1]`, piecewise-linear over the layers of a slice
+  - a filter list:                `t: [{filter: self_attn, value: [0, 1]}, {value: 0.5}]`,
+                                  substring match on the tensor name, first match wins.
+Precedence (highest first): the source's own parameters, the slice's, the recipe's global.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import RecipeError
+from evomerge.methods import registry
+
+Scalar = Union[bool, int, float, str]
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def normalize_setting(value: Any) -> Any:
+    """Checks the shape of a parameter setting and returns it as plain YAML data."""
+    if _is_scalar(value):
+        return value
+    if isinstance(value, dict):
+        unknown = set(value) - {"value", "filter"}
+        if "value" not in value or unknown:
+            raise ValueError("a conditional setting is {filter: <substring>, value: <scalar or list>}")
+        inner = value["value"]
+        if not (_is_scalar(inner) or (isinstance(inner, list) and inner and all(map(_is_scalar, inner)))):
+            raise ValueError("a conditional value must be a scalar or a list of scalars")
+        flt = value.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            raise ValueError("filter must be a string")
+        return {"filter": flt, "value": inner} if flt is not None else {"value": inner}
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty list is not a setting")
+        if all(map(_is_scalar, value)):
+            return list(value)
+        if all(isinstance(v, dict) for v in value):
+            return [normalize_setting(v) for v in value]
+        raise ValueError("a list must hold only scalars (a gradient) or only {filter, value} items")
+    raise ValueError(f"unsupported setting {value!r}")
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float, coerce: Callable[[Any], Any]) -> Any:
+    """Value of a setting for one tensor at relative layer position t in [0, 1].
+
+    Returns None when a filter list has no matching entry, so a lower-precedence scope decides.
+    """
+    if _is_scalar(setting):
+        return coerce(setting)
+    if isinstance(setting, dict):
+        setting = [setting]
+    if all(map(_is_scalar, setting)):
+        values = [coerce(v) for v in setting]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not numeric:
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        lo = int(scaled)
+        hi = min(len(values) - 1, lo + 1)
+        frac = scaled - lo
+        return coerce((1 - frac) * values[lo] + frac * values[hi])
+    for item in setting:
+        flt = item.get("filter")
+        if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+            return evaluate_setting(item["value"], tensor_name, t, coerce)
+    return None
+
+
+def setting_leaves(setting: Any) -> Iterator[Any]:
+    """Every scalar a setting can evaluate to (gradient endpoints and filter values)."""
+    if _is_scalar(setting):
+        yield setting
+    elif isinstance(setting, dict):
+        yield from setting_leaves(setting["value"])
+    else:
+        for item in setting:
+            yield from setting_leaves(item)
+
+
+Parameters = Optional[dict[str, Any]]
+
+
+def _check_parameters(value: Parameters) -> Parameters:
+    if value is None:
+        return None
+    out = {}
+    for key, setting in value.items():
+        try:
+            out[key] = normalize_setting(setting)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    return out
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("parameters", check_fields=False)
+    @classmethod
+    def _parameters(cls, value: Parameters) -> Parameters:
+        return _check_parameters(value)
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Parameters = None
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got [{start}, {end}]")
+        return value
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None
+    parameters: Parameters = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "OutputSlice":
+        lengths = {s.num_layers for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].num_layers
+
+
+class Recipe(_Strict):
+    """A mergekit merge configuration (the subset evomerge materialises: one module)."""
+
+    merge_method: str
+    base_model: Optional[str] = None
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: Parameters = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        known = registry.names()
+        if value not in known:
+            raise ValueError(f"unknown merge method {value!r}; known: {', '.join(known)}")
+        return value
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value.removeprefix("torch.") not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {value!r}; choose from {', '.join(DTYPE_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _structure(self) -> "Recipe":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        method = registry.get(self.merge_method)
+        if method.base is registry.BasePolicy.REQUIRED:
+            if self.slices:
+                for i, out_slice in enumerate(self.slices):
+                    if not (out_slice.base_model or self.base_model):
+                        raise ValueError(
+                            f"slices.{i}: merge_method '{self.merge_method}' needs a base_model"
+                        )
+            elif not self.base_model:
+                raise ValueError(f"base_model: merge_method '{self.merge_method}' needs a base_model")
+        for location, key, setting in self.parameter_settings():
+            param = method.param(key)
+            if param is None:
+                continue  # mergekit ignores parameters a method does not take; so do we (warned at load)
+            for leaf in setting_leaves(setting):
+                try:
+                    value = param.coerce(leaf)
+                except ValueError as exc:
+                    raise ValueError(f"{location}.{key}: {exc}") from None
+                problem = param.check(value) if param.check else None
+                if problem:
+                    raise ValueError(f"{location}.{key}: {problem}")
+        return self
+
+    # ----------------------------------------------------------------- queries
+
+    def parameter_settings(self) -> Iterator[tuple[str, str, Any]]:
+        """(location, name, setting) for every parameter written anywhere in the recipe."""
+        for key, setting in (self.parameters or {}).items():
+            yield "parameters", key, setting
+        for i, entry in enumerate(self.models or []):
+            for key, setting in (entry.parameters or {}).items():
+                yield f"models.{i}.parameters", key, setting
+        for i, out_slice in enumerate(self.slices or []):
+            for key, setting in (out_slice.parameters or {}).items():
+                yield f"slices.{i}.parameters", key, setting
+            for j, source in enumerate(out_slice.sources):
+                for key, setting in (source.parameters or {}).items():
+                    yield f"slices.{i}.sources.{j}.parameters", key, setting
+
+    def unknown_parameters(self) -> list[str]:
+        method = registry.get(self.merge_method)
+        return sorted(
+            {f"{loc}.{key}" for loc, key, _ in self.parameter_settings() if method.param(key) is None}
+        )
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe reads, base first, each once, in order of appearance."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for entry in self.models or []:
+            seen.setdefault(entry.model, None)
+        for out_slice in self.slices or []:
+            if out_slice.base_model:
+                seen.setdefault(out_slice.base_model, None)
+            for source in out_slice.sources:
+                seen.setdefault(source.model, None)
+        return list(seen)
+
+    # ----------------------------------------------------------------- YAML
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+        if "modules" in data:
+            raise RecipeError(f"{source}: modules: multi-module recipes are not supported; use models or slices")
+        if "tokenizer" in data:
+            tokenizer = data.get("tokenizer") or {}
+            if set(tokenizer) - {"source"}:
+                raise RecipeError(
+                    f"{source}: tokenizer: only 'tokenizer: {{source: ...}}' is supported "
+                    "(token surgery would change the embedding shapes every candidate shares)"
+                )
+            data = {k: v for k, v in data.items() if k != "tokenizer"}
+            if "source" in tokenizer:
+                data["tokenizer_source"] = tokenizer["source"]
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "recipe") -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipe":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+        return cls.from_yaml(text, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(exclude_none=True, mode="json")
+        for out_slice in data.get("slices", []):
+            for source in out_slice["sources"]:
+                source["layer_range"] = list(source["layer_range"])
+        # mergekit's conventional key order, for humans reading the YAML.
+        order = ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source", "chat_template"]
+        return {k: data[k] for k in order if k in data}
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Numeric lists (gradients, layer ranges) in flow style, as mergekit writes them."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = bool(data) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Pydantic errors as 'field.path: message' lines joined with '; '."""
+    parts = []
+    for error in exc.errors():
+        loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+        message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        parts.append(f"{loc}: {message}" if loc else message)
+    # Unions report one error per alternative; keep the first per location.
+    seen: dict[str, str] = {}
+    for part in parts:
+        seen.setdefault(part.split(":", 1)[0], part)
+    return "; ".join(seen.values())

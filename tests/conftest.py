@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny random Llama family, and mergekit as the oracle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, str]:
+    """base + ft_math, ft_code, ft_knowledge: 4 layers, untied lm_head. Absolute paths."""
+    from evomerge.demo.tiny import build_tiny_family
+
+    paths = build_tiny_family(tmp_path_factory.mktemp("tiny_family"), seed=0)
+    return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_family_tied(tmp_path_factory) -> dict[str, str]:
+    from evomerge.demo.tiny import build_tiny_family
+
+    paths = build_tiny_family(tmp_path_factory.mktemp("tiny_family_tied"), seed=1, layers=3, tie_word_embeddings=True)
+    return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_family):
+    from evomerge.engine import MergeEngine
+
+    return MergeEngine(
+        [tiny_family[k] for k in ("base", "ft_math", "ft_code", "ft_knowledge")],
+        base_model=tiny_family["base"],
+        device="cpu",
+        progress=False,
+    )
+
+
+def run_mergekit(recipe_file: Path, out_dir: Path, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """What `mergekit-yaml recipe_file out_dir [--random-seed seed]` computes, in-process."""
+    mergekit_merge = pytest.importorskip("mergekit.merge", reason="mergekit (the oracle) is a test extra")
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe_file.read_text()))
+    options = MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=seed)
+    mergekit_merge.run_merge(config, str(out_dir), options)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(out_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
