@@ -155,6 +155,12 @@ class _open_safetensors:
     def __enter__(self):
         from safetensors import safe_open
 
+        size = self.file.stat().st_size
+        end = _safetensors_data_end(self.file)
+        if end is not None and size < end:
+            raise CheckpointError(
+                f"model '{self.ref}': {self.file.name} is truncated ({size} bytes, its header promises {end})"
+            )
         try:
             self.handle = safe_open(str(self.file), framework="pt", device="cpu")
         except Exception as exc:
@@ -162,12 +168,6 @@ class _open_safetensors:
                 f"model '{self.ref}': {self.file.name} is not a readable safetensors file "
                 f"(truncated or corrupt?): {_one_line(exc)}"
             ) from None
-        size = self.file.stat().st_size
-        end = _safetensors_data_end(self.file)
-        if end is not None and size < end:
-            raise CheckpointError(
-                f"model '{self.ref}': {self.file.name} is truncated ({size} bytes, header promises {end})"
-            )
         return self.handle
 
     def __exit__(self, *exc):
