@@ -90,20 +90,22 @@ def build_tiny_family(
     generator = torch.Generator().manual_seed(seed + 1)
     state = base.state_dict()
     for index, name in enumerate(FINETUNES):
-        tuned = {}
-        for key, weight in state.items():
-            noise = _delta(index, key, weight, generator)
-            tuned[key] = weight + noise
         model = LlamaForCausalLM(config)
-        model.load_state_dict(tuned)
+        model.load_state_dict(synthetic_finetune(state, index, generator))
         paths[name] = out / name
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     return paths
 
 
+def synthetic_finetune(state: dict[str, torch.Tensor], kind: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A fake fine-tune of `state`: kind 0 dense/attention, 1 sparse/MLP, 2 low-rank (mod 3)."""
+    return {key: weight + _delta(kind % 3, key, weight, generator).to(weight.dtype) for key, weight in state.items()}
+
+
 def _delta(index: int, key: str, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    scale = weight.float().std().clamp(min=1e-3).item()
+    weight = weight.float()
+    scale = weight.std().clamp(min=1e-3).item()
     if index == 0:  # dense, small, mostly attention
         strength = 0.10 if "self_attn" in key else 0.02
         return torch.randn(weight.shape, generator=generator) * scale * strength

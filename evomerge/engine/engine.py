@@ -23,7 +23,7 @@ from evomerge.engine.checkpoint import SourceModel, locate
 from evomerge.engine.device import available_bytes, compute_dtype, dtype_name, parse_dtype, resolve_device
 from evomerge.engine.plan import Job, Layout, Plan, plan_recipe
 from evomerge.errors import ArchitectureMismatch, CheckpointError, MergeFailure, RecipeError
-from evomerge.methods.kernels import weighted_sum
+from evomerge.methods.kernels import Workspace, weighted_sum
 from evomerge.methods.registry import Inputs
 from evomerge.recipe import Recipe
 
@@ -96,6 +96,7 @@ class MergeEngine:
         self._load()
         self._deltas: dict[str, torch.Tensor] = {}
         self._delta_base: str | tuple | None = None
+        self.workspace = Workspace()  # scratch reused by every candidate: no page faults per merge
         self.last_stats = MergeStats()
 
     # ------------------------------------------------------------------ setup
@@ -262,7 +263,7 @@ class MergeEngine:
                     torch.cuda.empty_cache()
                 reason = "out of memory" if _is_oom(exc) else " ".join(str(exc).split())
                 raise MergeFailure(f"{plan.method.name} failed on tensor {job.name}: {reason}") from exc
-            if check_finite and not bool(torch.isfinite(target).all()):
+            if check_finite and not _all_finite(target):
                 raise MergeFailure(f"{plan.method.name} produced NaN/inf in tensor {job.name}")
         self.last_stats = stats
         return model
@@ -291,12 +292,14 @@ class MergeEngine:
         if method.random:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(tensor_seed(seed, job.name))
-        result = method(Inputs(work, job.base_index, deltas), generator=generator, **job.params)
+        inputs = Inputs(work, job.base_index, deltas, out=out, workspace=self.workspace)
+        result = method(inputs, generator=generator, **job.params)
         if result.shape != out.shape:
             raise MergeFailure(
                 f"{method.name} returned shape {list(result.shape)} for tensor {job.name}, expected {list(out.shape)}"
             )
-        out.copy_(result)
+        if result is not out:
+            out.copy_(result)
 
     # ------------------------------------------------------------------ task-vector cache
 
@@ -344,6 +347,7 @@ class MergeEngine:
         """Frees the resident tensors (the engine is unusable afterwards)."""
         self.stacks.clear()
         self._deltas.clear()
+        self.workspace.clear()
         self._model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -353,3 +357,11 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc) or (
         "out of memory" in str(exc).lower()
     )
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """A sum is finite exactly when every entry is (overflow aside, which only sends us to the exact
+    check); it streams at memory speed, where torch.isfinite runs ~25x slower on CPUs."""
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return True
+    return bool(torch.isfinite(tensor).all())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from evomerge.methods.kernels import kth_smallest
 from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, register
 
 # Quantiles of larger tensors are estimated from this many samples (with replacement).
@@ -17,8 +18,9 @@ def _quantiles(values: torch.Tensor, q: torch.Tensor, generator: torch.Generator
     if flat.numel() > QUANTILE_SAMPLES:
         picks = torch.randint(flat.numel(), (QUANTILE_SAMPLES,), device=flat.device, generator=generator)
         flat = flat[picks]
-    ordered = torch.sort(flat).values
-    return ordered[(q.to(ordered.device) * (ordered.numel() - 1)).long()]
+    positions = (q * (flat.numel() - 1)).long().tolist()
+    # The value at sorted position p, without sorting everything.
+    return torch.stack([kth_smallest(flat, p + 1) for p in positions])
 
 
 def importance(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -5,35 +5,47 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.methods.kernels import weighted_sum
 from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, register
+
+
+def _interpolation_ratio(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
+    """Model Stock's t = k cos / (1 + (k - 1) cos); at the singularity keep the base (t = 0)."""
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(cos_theta), count * cos_theta / torch.where(singular, 1, denominator))
+
+
+def _mean_pairwise_cosine(vectors, dim: int | None) -> torch.Tensor:
+    cosines = []
+    for i, a in enumerate(vectors):
+        for b in vectors[i + 1 :]:
+            if dim is None:
+                norms = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+                dot = torch.dot(a.reshape(-1), b.reshape(-1))
+            else:
+                norms = torch.norm(a, dim=dim) * torch.norm(b, dim=dim)
+                dot = (a * b).sum(dim=dim)
+            cosines.append((dot / norms.clamp(min=1e-6)).clamp(-1, 1))
+    return torch.stack(cosines).mean(dim=0)
 
 
 def model_stock(inputs: Inputs, *, filter_wise: bool = False) -> torch.Tensor:
     base = inputs.base
     others = inputs.others
-    shape = base.shape
     vectors = inputs.task_vectors()
-    if filter_wise:
-        if base.dim() == 1:
-            base = base.unsqueeze(0)
-            others = tuple(x.unsqueeze(0) for x in others)
-            vectors = tuple(v.unsqueeze(0) for v in vectors)
-    else:
-        base = base.reshape(-1)
-        others = tuple(x.reshape(-1) for x in others)
-        vectors = tuple(v.reshape(-1) for v in vectors)
-
-    cosines = []
-    for i, a in enumerate(vectors):
-        for b in vectors[i + 1 :]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     count = len(others)
-    denominator = 1 + (count - 1) * cos_theta
-    # No finite interpolation at the singularity: keep the base there.
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos_theta), count * cos_theta / torch.where(singular, 1, denominator))
+    if not filter_wise:
+        # One t for the whole tensor: the result is t * mean(others) + (1 - t) * base, a fused sum.
+        t = _interpolation_ratio(_mean_pairwise_cosine(vectors, None), count).item()
+        coefficients = [t / count if i != inputs.base_index else 1 - t for i in range(len(inputs.tensors))]
+        return weighted_sum(inputs.tensors, coefficients, out=inputs.out)
+    shape = base.shape
+    if base.dim() == 1:
+        base = base.unsqueeze(0)
+        others = tuple(x.unsqueeze(0) for x in others)
+        vectors = tuple(v.unsqueeze(0) for v in vectors)
+    t = _interpolation_ratio(_mean_pairwise_cosine(vectors, -1).unsqueeze(-1), count)
     average = sum(others) / count
     return (t * average + (1 - t) * base).reshape(shape)
 

@@ -11,8 +11,11 @@ from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, re
 def nearswap(inputs: Inputs, *, t: float) -> torch.Tensor:
     a = inputs.base
     (b,) = inputs.others
-    weight = (t / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
-    return weight * b + (1 - weight) * a
+    ws = inputs.workspace
+    difference = torch.sub(b, a, out=ws.get("difference", a))
+    # weight = clamp(t / max(|b - a|, 1e-6), 0, 1); result = a + weight * (b - a)
+    weight = torch.abs(difference, out=ws.get("weight", a)).clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(0, 1)
+    return torch.addcmul(a, weight, difference, out=inputs.output(a))
 
 
 register(

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from evomerge.methods.kernels import Workspace
+
 
 class Scope(enum.Enum):
     SHARED = "shared"  # one value for the whole tensor (e.g. `t`, `normalize`)
@@ -76,11 +78,21 @@ class Inputs:
 
     `deltas` may carry precomputed task vectors (input - base) for the non-base inputs,
     which the engine caches across recipes; methods read them through `task_vectors()`.
+    `out`, when given, is where the caller wants the result (methods may write it there and
+    return it); `workspace` lends reusable scratch buffers. Inputs are never modified.
     """
 
     tensors: tuple[torch.Tensor, ...]
     base_index: int | None = None
     deltas: tuple[torch.Tensor, ...] | None = None
+    out: torch.Tensor | None = None
+    workspace: Workspace = field(default_factory=lambda: Workspace(persistent=False))
+
+    def output(self, like: torch.Tensor) -> torch.Tensor:
+        """`out` when it can hold a result computed like `like`, else a new tensor."""
+        if self.out is not None and self.out.dtype == like.dtype and self.out.shape == like.shape:
+            return self.out
+        return torch.empty_like(like)
 
     @property
     def base(self) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.methods.kernels import largest_mask
 from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, in_range, register
 from evomerge.methods.task_arithmetic import sign_consensus
 
@@ -16,10 +17,7 @@ def _select_mask(vectors: torch.Tensor, fraction: float) -> torch.Tensor:
         return torch.ones_like(vectors[0])
     variance = torch.var(vectors, dim=0, unbiased=False)
     k = int(torch.count_nonzero(variance) * fraction)
-    mask = torch.zeros_like(variance)
-    if k > 0:
-        mask.view(-1)[torch.topk(variance.abs().view(-1), k=k).indices] = 1
-    return mask
+    return largest_mask(variance.abs().reshape(-1), k).view_as(variance).to(vectors.dtype)
 
 
 def _energy_weights(vectors: torch.Tensor) -> torch.Tensor:

@@ -11,38 +11,41 @@ import math
 
 import torch
 
-from evomerge.methods.kernels import accumulation_dtype
+from evomerge.methods.kernels import accumulation_dtype, weighted_sum
 from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, Scope, register
 
 # Cosines closer to ±1 than this fall back to linear interpolation (mergekit's threshold).
 SLERP_DOT_THRESHOLD = 0.9995
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors, t=0 gives v0; near-parallel pairs lerp."""
+def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> tuple[float, float]:
+    """Slerp is (c0 * v0 + c1 * v1) once the angle is known: compute the two coefficients from
+    the norms and the dot product (two reads, no temporaries). Near-parallel pairs lerp."""
     dtype = accumulation_dtype(v0.dtype)
-    a = v0.reshape(-1).to(dtype)
-    b = v1.reshape(-1).to(dtype)
+    a, b = v0.reshape(-1), v1.reshape(-1)
     if a.numel() == 0:
-        return v0.clone()
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > eps else torch.ones_like(norm_b)
-    dot = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1).item()
+        return 1 - t, t
+    norm_a = torch.linalg.vector_norm(a, dtype=dtype).item()
+    norm_b = torch.linalg.vector_norm(b, dtype=dtype).item()
+    norm_a = norm_a if norm_a > eps else 1.0
+    norm_b = norm_b if norm_b > eps else 1.0
+    dot = torch.dot(a.to(dtype), b.to(dtype)).item() / (norm_a * norm_b)
+    dot = max(-1.0, min(1.0, dot))
     if abs(dot) > SLERP_DOT_THRESHOLD:
-        coef_a, coef_b = 1 - t, t
-    else:
-        theta = math.acos(dot)
-        sin_theta = math.sin(theta)
-        coef_a = math.sin((1 - t) * theta) / sin_theta
-        coef_b = math.sin(t * theta) / sin_theta
-    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+        return 1 - t, t
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors; t=0 gives v0."""
+    return weighted_sum((v0, v1), slerp_coefficients(t, v0, v1), out=out)
 
 
 def slerp(inputs: Inputs, *, t: float) -> torch.Tensor:
     other = inputs.others[0]
-    return slerp_tensors(t, inputs.base, other)
+    return slerp_tensors(t, inputs.base, other, out=inputs.out)
 
 
 def nuslerp_tensors(
@@ -68,15 +71,34 @@ def nuslerp_tensors(
     return result.reshape(shape)
 
 
+def _nuslerp_flat_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> tuple[float, float]:
+    """nuslerp over the whole flattened tensor, as two coefficients (mergekit's formula)."""
+    dtype = accumulation_dtype(v0.dtype)
+    a, b = v0.reshape(-1).to(dtype), v1.reshape(-1).to(dtype)
+    norm_a = max(torch.linalg.vector_norm(a).item(), 1e-7)
+    norm_b = max(torch.linalg.vector_norm(b).item(), 1e-7)
+    cos_theta = max(-1.0, min(1.0, torch.dot(a, b).item() / (norm_a * norm_b)))
+    if 1 - cos_theta**2 <= eps**2:
+        return 1 - t, t
+    theta = math.acos(cos_theta)
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
 def nuslerp(inputs: Inputs, *, weight, nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True) -> torch.Tensor:
     total = weight[0] + weight[1]
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
-    options = {"row_wise": nuslerp_row_wise, "flatten": nuslerp_flatten}
-    if inputs.base is not None:
+    base = inputs.base
+    if base is not None:
         d0, d1 = inputs.task_vectors()
-        return inputs.base + nuslerp_tensors(t, d0, d1, **options)
+        if nuslerp_flatten:
+            c0, c1 = _nuslerp_flat_coefficients(t, d0, d1)
+            return weighted_sum((base, d0, d1), (1.0, c0, c1), out=inputs.out)
+        return base + nuslerp_tensors(t, d0, d1, row_wise=nuslerp_row_wise, flatten=False)
     v0, v1 = inputs.others
-    return nuslerp_tensors(t, v0, v1, **options)
+    if nuslerp_flatten:
+        return weighted_sum((v0, v1), _nuslerp_flat_coefficients(t, v0, v1), out=inputs.out)
+    return nuslerp_tensors(t, v0, v1, row_wise=nuslerp_row_wise, flatten=False)
 
 
 def multislerp(inputs: Inputs, *, weight, normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.methods.kernels import largest_mask, smallest_mask
+from evomerge.methods.kernels import Workspace, largest_mask, masked, smallest_mask
 from evomerge.methods.registry import (
     BasePolicy,
     Inputs,
@@ -27,79 +27,98 @@ from evomerge.methods.registry import (
 _RESCALE_EPS = 1e-7
 
 
-def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """Applies a keep-mask; with `rescale`, restores the L1 norm the mask removed."""
-    kept = delta * mask
+def _finish(delta: torch.Tensor, kept: torch.Tensor, rescale: bool, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """With `rescale`, scales the kept entries back to the L1 norm of the whole delta."""
     if not rescale:
         return kept
-    before = delta.abs().sum()
+    before = (magnitude if magnitude is not None else delta.abs()).sum()
     after = kept.abs().sum()
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
-def keep_largest(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+def _buffers(delta: torch.Tensor, out: torch.Tensor | None, workspace: Workspace | None):
+    workspace = workspace or Workspace(persistent=False)
+    return (out if out is not None else torch.empty_like(delta)), workspace
+
+
+def keep_largest(delta, density: float, rescale: bool = False, *, out=None, workspace=None) -> torch.Tensor:
     """TIES trimming: keep the `density` fraction of entries with the largest magnitude."""
     if density >= 1:
         return delta
+    out, ws = _buffers(delta, out, workspace)
     if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
+        return out.zero_()
     k = max(1, int(density * delta.numel()))
-    mask = largest_mask(delta.abs().reshape(-1), k)
-    return _rescaled(delta, mask.view_as(delta).to(delta.dtype), rescale)
+    magnitude = torch.abs(delta, out=ws.get("magnitude", delta))
+    keep = largest_mask(magnitude.view(-1), k, out=ws.get("keep", delta, torch.bool).view(-1))
+    masked(delta, keep.view_as(delta), out, ws)
+    return _finish(delta, out, rescale, magnitude)
 
 
-def keep_middle(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+def keep_middle(delta, density: float, gamma: float, rescale: bool = False, *, out=None, workspace=None) -> torch.Tensor:
     """Breadcrumbs: drop the `gamma` fraction of largest entries, then the smallest, keeping `density`."""
     if density >= 1:
         return delta
+    out, ws = _buffers(delta, out, workspace)
     n = delta.numel()
-    keep = int(density * n)
+    keep_count = int(density * n)
     n_top = int(gamma * n)
-    n_bottom = max(0, n - keep - n_top)  # shrink the outlier cut when density needs it
-    magnitude = delta.abs().reshape(-1)
-    # Ascending magnitude ranks [n_bottom, n_bottom + keep): drop the smallest and the outliers.
-    mask = smallest_mask(magnitude, n_bottom + keep) & ~smallest_mask(magnitude, n_bottom)
-    return _rescaled(delta, mask.view_as(delta).to(delta.dtype), rescale)
+    n_bottom = max(0, n - keep_count - n_top)  # shrink the outlier cut when density needs it
+    magnitude = torch.abs(delta, out=ws.get("magnitude", delta)).view(-1)
+    # Ascending magnitude ranks [n_bottom, n_bottom + keep): the smallest n_bottom are a subset
+    # of the smallest n_bottom + keep (one total order), so their exclusive-or is the band.
+    upper = smallest_mask(magnitude, n_bottom + keep_count, out=ws.get("keep", delta, torch.bool).view(-1))
+    lower = smallest_mask(magnitude, n_bottom, out=ws.get("keep_low", delta, torch.bool).view(-1))
+    torch.logical_xor(upper, lower, out=upper)
+    masked(delta, upper.view_as(delta), out, ws)
+    return _finish(delta, out, rescale, magnitude.view_as(delta))
 
 
-def keep_random(
-    delta: torch.Tensor, density: float, rescale: bool = False, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def keep_random(delta, density: float, rescale: bool = False, generator=None, *, out=None, workspace=None) -> torch.Tensor:
     """DARE: keep each entry with probability `density`."""
     if density >= 1:
         return delta
-    probabilities = torch.full_like(delta, density)
-    mask = torch.bernoulli(probabilities, generator=generator)
-    return _rescaled(delta, mask, rescale)
+    out, ws = _buffers(delta, out, workspace)
+    # uniform < p is Bernoulli(p), and ~4x faster on CPUs than torch.bernoulli.
+    draws = torch.rand(delta.shape, generator=generator, dtype=delta.dtype, device=delta.device,
+                       out=ws.get("draws", delta))
+    keep = torch.lt(draws, density, out=ws.get("keep", delta, torch.bool))
+    masked(delta, keep, out, ws)
+    return _finish(delta, out, rescale)
 
 
 def keep_random_by_rank(
-    delta: torch.Tensor,
-    density: float,
-    epsilon: float,
-    rescale: bool = False,
-    generator: torch.Generator | None = None,
+    delta, density: float, epsilon: float, rescale: bool = False, generator=None, *, out=None, workspace=None
 ) -> torch.Tensor:
     """DELLA MagPrune: per row, keep probability grows linearly with magnitude rank,
     from density - epsilon (smallest) to density + epsilon (largest)."""
     if density >= 1:
         return delta
+    out, ws = _buffers(delta, out, workspace)
     if density <= 0:
-        return torch.zeros_like(delta)
+        return out.zero_()
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(
             f"della: density ± epsilon must stay inside (0, 1), got density={density:g}, epsilon={epsilon:g}"
         )
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(rows.dtype) + 1
-    lowest = ranks.min(dim=1, keepdim=True).values
-    highest = ranks.max(dim=1, keepdim=True).values
-    position = ((ranks - lowest) / (highest - lowest)).clamp(0, 1)
-    probabilities = (density - epsilon) + position * (2 * epsilon)
-    mask = torch.bernoulli(probabilities, generator=generator)
-    return _rescaled(rows, mask, rescale).reshape(delta.shape)
+    # 0-based magnitude rank within each row: one argsort, then its inverse permutation by scatter
+    # (mergekit argsorts twice; same ranks).
+    order = torch.argsort(rows.abs(), dim=1)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+    del order
+    probability = ws.get("probability", rows)
+    torch.div(ranks, max(rows.shape[1] - 1, 1), out=probability)
+    del ranks
+    probability.clamp_(0, 1).mul_(2 * epsilon).add_(density - epsilon)
+    draws = torch.rand(rows.shape, generator=generator, dtype=rows.dtype, device=rows.device,
+                       out=ws.get("draws", rows))
+    keep = torch.lt(draws, probability, out=ws.get("keep", rows, torch.bool))
+    masked(rows, keep, out.view_as(rows), ws)
+    return _finish(delta, out, rescale)
 
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
@@ -129,34 +148,45 @@ def task_arithmetic_family(
     vectors = inputs.task_vectors()
     if not vectors:
         return base
-    deltas = torch.empty((len(vectors), *base.shape), dtype=base.dtype, device=base.device)
+    ws = inputs.workspace
+    weighted = []  # weight_i * sparsify(delta_i), each in its own buffer (cached vectors stay intact)
     for i, delta in enumerate(vectors):
+        buffer = ws.get(f"weighted{i}", delta)
         if sparsify == "magnitude":
-            delta = keep_largest(delta, density[i], rescale)
+            kept = keep_largest(delta, density[i], rescale, out=buffer, workspace=ws)
         elif sparsify == "random":
-            delta = keep_random(delta, density[i], rescale, generator)
+            kept = keep_random(delta, density[i], rescale, generator, out=buffer, workspace=ws)
         elif sparsify == "magnitude_outliers":
-            delta = keep_middle(delta, density[i], gamma[i], rescale)
+            kept = keep_middle(delta, density[i], gamma[i], rescale, out=buffer, workspace=ws)
         elif sparsify == "della_magprune":
-            delta = keep_random_by_rank(delta, density[i], epsilon[i], rescale, generator)
-        deltas[i] = delta
-    weights = torch.tensor([float(w) for w in weight], dtype=deltas.dtype, device=deltas.device)
-    weights = weights.view(-1, *([1] * base.dim()))
-    deltas.mul_(weights)
+            kept = keep_random_by_rank(delta, density[i], epsilon[i], rescale, generator, out=buffer, workspace=ws)
+        else:
+            kept = delta
+        weighted.append(torch.mul(kept, float(weight[i]), out=buffer))
+    mixed = ws.get("mixed", base)
+    torch.add(weighted[0], weighted[1], out=mixed) if len(weighted) > 1 else mixed.copy_(weighted[0])
+    for delta in weighted[2:]:
+        mixed += delta
     if consensus:
-        mask = sign_consensus(deltas)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        # Elected sign: +1 where the sum is >= 0, else -1.
+        majority = torch.sign(mixed, out=ws.get("majority", base)).add_(0.5).sign_()
+        mixed.zero_()
+        divisor = ws.get("divisor", base).zero_()
+        agreeing, kept = ws.get("agreeing", base), ws.get("kept", base)
+        for delta, w in zip(weighted, weight):
+            # relu(delta * m) * m is delta where its sign is the elected one, else 0 (x ±1 is exact).
+            torch.mul(delta, majority, out=kept).clamp_(min=0)
+            divisor.add_(torch.sign(kept, out=agreeing), alpha=float(w))
+            mixed += kept.mul_(majority)
+        divisor.masked_fill_(divisor == 0, 1)
     else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        total = sum(float(w) for w in weight)
+        divisor = total if abs(total) >= 1e-8 else 1.0
     if normalize:
         mixed /= divisor
     if lam != 1:
         mixed *= lam
-    return (base + mixed).to(base.dtype)
+    return torch.add(base, mixed, out=inputs.output(base))
 
 
 def family_coefficients(n_inputs: int, base_index: int | None, *, consensus: bool, sparsify: str | None, **params):

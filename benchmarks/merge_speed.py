@@ -1,0 +1,187 @@
+"""How fast does a candidate materialise? SmolLM2-135M, base + 3 derived copies.
+
+Per method, in one run:
+  - evomerge: time to write one candidate into the resident model (median of --reps, after a warm-up)
+  - its effective bandwidth: (bytes of inputs read + bytes written) / time, as a ratio of this
+    machine's copy bandwidth measured in the same run the same way ((read + write) / time of copy_)
+  - mergekit: `run_merge` writing the same recipe to disk + `from_pretrained` of the result (what a
+    mergekit-based search pays per candidate; import time excluded), and the ratio to evomerge.
+
+Usage: python benchmarks/merge_speed.py [--device cpu] [--dtype float32] [--reps 3] [--no-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evomerge.demo.smollm2 import ensure_base  # noqa: E402
+from evomerge.demo.tiny import synthetic_finetune  # noqa: E402
+from evomerge.engine import MergeEngine  # noqa: E402
+from evomerge.paths import atomic_directory, cache_dir  # noqa: E402
+from evomerge.recipe import Recipe  # noqa: E402
+
+
+def derived_copies(base: Path, n: int = 3) -> list[Path]:
+    """Three synthetic fine-tunes of the base (dense / sparse / low-rank changes), cached."""
+    from safetensors.torch import load_file, save_file
+
+    state = None
+    paths = []
+    for i in range(n):
+        target = cache_dir() / "bench" / f"smollm2-derived-{i}"
+        if not (target / "model.safetensors").exists():
+            state = state if state is not None else load_file(base / "model.safetensors")
+            generator = torch.Generator().manual_seed(100 + i)
+            with atomic_directory(target) as scratch:
+                for f in base.iterdir():
+                    if f.name != "model.safetensors":
+                        shutil.copy(f, scratch / f.name)
+                save_file(synthetic_finetune(state, i, generator), scratch / "model.safetensors", metadata={"format": "pt"})
+        paths.append(target)
+    return paths
+
+
+def recipes(base: str, a: str, b: str, c: str, dtype: str) -> dict[str, dict]:
+    three = [a, b, c]
+
+    def models(**params):
+        return [{"model": m, "parameters": dict(params)} for m in three]
+
+    def with_base(method, **params):
+        return {"merge_method": method, "base_model": base, "models": models(**params)}
+
+    table = {
+        "linear": {"merge_method": "linear", "models": models(weight=1 / 3)},
+        "task_arithmetic": with_base("task_arithmetic", weight=0.5),
+        "ties": with_base("ties", weight=0.5, density=0.5),
+        "dare_linear": with_base("dare_linear", weight=0.5, density=0.5),
+        "dare_ties": with_base("dare_ties", weight=0.5, density=0.5),
+        "della": with_base("della", weight=0.5, density=0.5, epsilon=0.1),
+        "della_linear": with_base("della_linear", weight=0.5, density=0.5, epsilon=0.1),
+        "breadcrumbs": with_base("breadcrumbs", weight=0.5, density=0.8, gamma=0.05),
+        "breadcrumbs_ties": with_base("breadcrumbs_ties", weight=0.5, density=0.8, gamma=0.05),
+        "sce": {"merge_method": "sce", "base_model": base, "models": [{"model": m} for m in three],
+                "parameters": {"select_topk": 0.5}},
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": [{"model": m} for m in three]},
+        "ram": {"merge_method": "ram", "base_model": base, "models": [{"model": m} for m in three]},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "models": [{"model": m} for m in three]},
+        "multislerp": with_base("multislerp", weight=1.0),
+        "karcher": {"merge_method": "karcher", "models": [{"model": m} for m in three]},
+        "slerp": {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": a}],
+                  "parameters": {"t": [0.2, 0.8]}},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": base,
+                    "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}]},
+        "nearswap": {"merge_method": "nearswap", "base_model": base, "models": [{"model": a}], "parameters": {"t": 0.001}},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": a}]},
+        "passthrough": {"merge_method": "passthrough", "models": [{"model": a}]},
+    }
+    for recipe in table.values():
+        recipe["dtype"] = dtype
+    return table
+
+
+def copy_bandwidth(device: torch.device, dtype: torch.dtype, reps: int = 7) -> float:
+    """(bytes read + bytes written) per second of a large copy_, median of reps."""
+    n = 256 * 1024 * 1024 // torch.tensor([], dtype=dtype).element_size()
+    src = torch.randn(n, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[1:])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_evomerge(engine: MergeEngine, recipe: Recipe, reps: int) -> tuple[float, int]:
+    engine.materialize(recipe, seed=0)  # warm-up: builds the task-vector cache when the method uses it
+    times = []
+    for rep in range(reps):
+        _sync(engine.device)
+        start = time.perf_counter()
+        engine.materialize(recipe, seed=rep + 1)
+        _sync(engine.device)
+        times.append(time.perf_counter() - start)
+    stats = engine.last_stats
+    return statistics.median(times), stats.bytes_read + stats.bytes_written
+
+
+def time_mergekit(recipe: dict, device: str) -> float:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        run_merge(MergeConfiguration.model_validate(recipe), out,
+                  MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, device=device))
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, recipe["dtype"]), device_map=device)
+        elapsed = time.perf_counter() - start
+        del model
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--methods", nargs="*", help="subset of methods (default: all 20)")
+    parser.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    base = ensure_base()
+    a, b, c = (str(p) for p in derived_copies(base))
+    table = recipes(str(base), a, b, c, args.dtype)
+    selected = args.methods or list(table)
+
+    start = time.perf_counter()
+    engine = MergeEngine([str(base), a, b, c], base_model=str(base), device=args.device, dtype=args.dtype, progress=False)
+    load_s = time.perf_counter() - start
+    device = engine.device
+    bandwidth = copy_bandwidth(device, engine.dtype)
+    params = sum(p.numel() for p in engine._model.parameters())
+    print(f"# merge_speed: SmolLM2-135M ({params / 1e6:.1f}M params), base + 3 derived copies, {args.dtype}, "
+          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# sources loaded once in {load_s:.1f} s ({engine.source_bytes / 1e9:.2f} GB resident)")
+    print(f"# copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    print()
+    print("| method | evomerge (s) | effective GB/s | / copy bandwidth | mergekit write + load (s) | mergekit / evomerge |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in selected:
+        recipe = Recipe.from_dict(table[name])
+        seconds, traffic = time_evomerge(engine, recipe, args.reps)
+        effective = traffic / seconds
+        row = f"| {name} | {seconds:.3f} | {effective / 1e9:.1f} | {effective / bandwidth:.2f} |"
+        if args.no_mergekit:
+            row += " – | – |"
+        else:
+            gc.collect()
+            theirs = time_mergekit(yaml.safe_load(recipe.to_yaml()), "cuda" if device.type == "cuda" else "cpu")
+            row += f" {theirs:.1f} | {theirs / seconds:.0f}x |"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

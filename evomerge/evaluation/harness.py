@@ -1,0 +1,219 @@
+"""The evaluation harness: scores a model held in memory with lm-eval, offline.
+
+Tasks are lm-eval task YAMLs shipped in evomerge/tasks, loaded once through
+`TaskManager(include_path=...)`; each evaluation is one `lm_eval.simple_evaluate` call on an
+`HFLM` wrapped around the very model object the merge engine writes into (rebuilt only when the
+engine hands over a different object, e.g. a different layer count). The search and
+`evomerge eval` call the same `Evaluator.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluation import data, tasklib
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
+METRICS = ("accuracy", "gold_loglik")
+
+# (task, metric) -> (lm-eval task name, the number that is "the score")
+TASK_TABLE = {
+    ("gsm8k", "accuracy"): ("evomerge_gsm8k", "exact_match_flexible"),
+    ("gsm8k", "gold_loglik"): ("evomerge_gsm8k_gold", "gold_loglik"),
+    ("mmlu", "accuracy"): ("evomerge_mmlu", "acc"),
+    ("mmlu", "gold_loglik"): ("evomerge_mmlu", "gold_loglik"),
+    ("humaneval", "accuracy"): ("evomerge_humaneval", "pass@1"),
+    ("humaneval", "gold_loglik"): ("evomerge_humaneval_gold", "gold_loglik"),
+}
+
+
+_ENV_INFO: dict[str, Any] = {}
+
+
+def _cache_env_info() -> None:
+    """lm-eval's simple_evaluate records the environment (it runs `pip list` and friends in
+    subprocesses, ~0.5 s) on every call; it cannot change between candidates, so collect it once."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.add_env_info
+    if getattr(original, "_evomerge_cached", False):
+        return
+
+    def add_env_info(results: dict) -> None:
+        if not _ENV_INFO:
+            original(_ENV_INFO)
+        results.update(_ENV_INFO)
+
+    add_env_info._evomerge_cached = True  # type: ignore[attr-defined]
+    evaluator.add_env_info = add_env_info
+
+
+def offline() -> None:
+    """Nothing is downloaded at evaluation time."""
+    for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """One task to score: which benchmark, which metric, how many items, how many shots."""
+
+    task: str
+    metric: str = "accuracy"
+    size: int | None = None
+    num_fewshot: int = 0
+    subjects: tuple[str, ...] | None = None  # MMLU only
+
+    def __post_init__(self):
+        if self.task not in data.TASKS:
+            raise EvomergeError(f"tasks: unknown task {self.task!r}; known: {', '.join(data.TASKS)}")
+        if self.metric not in METRICS:
+            raise EvomergeError(f"{self.task}.metric: must be one of {', '.join(METRICS)}, got {self.metric!r}")
+
+    @property
+    def lm_eval_task(self) -> str:
+        return TASK_TABLE[(self.task, self.metric)][0]
+
+    @property
+    def primary(self) -> str:
+        return TASK_TABLE[(self.task, self.metric)][1]
+
+
+@dataclass
+class Scores:
+    """Per-task primary scores plus lm-eval's full results layout."""
+
+    scores: dict[str, float]  # "task" -> primary value for the requested metric
+    results: dict[str, dict[str, Any]]  # lm-eval's "results" section
+    seconds: float
+    items: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scores": self.scores, "results": self.results, "seconds": self.seconds, "n_items": self.items}
+
+
+class Evaluator:
+    def __init__(
+        self,
+        requests: list[TaskRequest],
+        tokenizer,
+        *,
+        split: str = "search",
+        seed: int = 0,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        apply_chat_template: bool | str = "auto",
+        sandbox_workers: int | None = None,
+        progress: bool = False,
+    ):
+        offline()
+        if not requests:
+            raise EvomergeError("tasks: nothing to evaluate")
+        names = [r.task for r in requests]
+        if len(set(names)) != len(names):
+            raise EvomergeError(f"tasks: each task once, got {names}")
+        self.requests = list(requests)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.split, self.seed = split, seed
+        self.batch_size = batch_size
+        self.max_length = max_length
+        if apply_chat_template == "auto":
+            apply_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.apply_chat_template = apply_chat_template
+        self.progress = progress
+        self._lm = None
+        self._model = None
+        tasklib.set_token_counter(lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        tasklib.set_sandbox_options(workers=sandbox_workers)
+        _cache_env_info()
+        self._tasks = self._load_tasks()
+
+    def _load_tasks(self) -> dict[str, Any]:
+        from lm_eval.tasks import TaskManager
+
+        sizes = {r.task: r.size for r in self.requests}
+        subjects = next((list(r.subjects) for r in self.requests if r.task == "mmlu" and r.subjects), None)
+        for r in self.requests:  # fail early on impossible sizes, naming the task
+            data.select(r.task, self.split, r.size, self.seed, subjects=list(r.subjects) if r.subjects else None)
+        manager = TaskManager(
+            include_path=str(TASKS_DIR), include_defaults=False,
+            metadata={"split": self.split, "seed": self.seed, "sizes": sizes, "subjects": subjects},
+        )
+        self._manager = manager
+        wanted = sorted({r.lm_eval_task for r in self.requests})
+        loaded = manager.load(wanted)
+        tasks = dict(_leaf_tasks(loaded))
+        for r in self.requests:
+            tasks[r.lm_eval_task].set_config(key="num_fewshot", value=r.num_fewshot)
+        return tasks
+
+    def lm(self, model):
+        """An HFLM around `model`, reused while the caller hands over the same object."""
+        if self._lm is None or model is not self._model:
+            from lm_eval.models.huggingface import HFLM
+
+            model.eval()
+            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                            max_length=self.max_length, device=str(_device_of(model)))
+            self._model = model
+        return self._lm
+
+    def evaluate(self, model, *, limit: int | float | None = None) -> Scores:
+        """Scores `model`; `limit` keeps only the first items of each task (a cheap first rung)."""
+        from lm_eval import simple_evaluate
+
+        start = time.perf_counter()
+        tasks = sorted({r.lm_eval_task for r in self.requests})
+        with torch.inference_mode():
+            output = simple_evaluate(
+                model=self.lm(model),
+                tasks=[self._tasks[name] for name in tasks],
+                task_manager=self._manager,  # else lm-eval indexes its 26k built-in YAMLs (~10 s) per call
+                limit=limit,
+                bootstrap_iters=0,
+                log_samples=False,
+                apply_chat_template=self.apply_chat_template,
+                fewshot_as_multiturn=bool(self.apply_chat_template),
+                random_seed=self.seed,
+                numpy_random_seed=self.seed,
+                torch_random_seed=self.seed,
+                fewshot_random_seed=self.seed,
+                confirm_run_unsafe_code=True,  # HumanEval runs in evomerge's sandbox
+            )
+        results = output["results"]
+        scores, items = {}, {}
+        for r in self.requests:
+            row = results[r.lm_eval_task]
+            value = row.get(f"{r.primary},none", row.get(r.primary))
+            scores[r.task] = float(value)
+            items[r.task] = int(output.get("n-samples", {}).get(r.lm_eval_task, {}).get("effective", 0))
+        return Scores(scores, results, time.perf_counter() - start, items)
+
+
+def _leaf_tasks(tree) -> list[tuple[str, Any]]:
+    from lm_eval.api.task import Task
+
+    found = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found.extend(_leaf_tasks(value))
+        elif isinstance(value, Task):
+            found.append((key if isinstance(key, str) else value.config.task, value))
+    return found
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device

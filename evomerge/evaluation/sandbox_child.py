@@ -1,0 +1,179 @@
+"""Runs one untrusted program inside the sandbox. Started as `python -I -S sandbox_child.py DIR LIMITS`.
+
+Standard library only, so it runs in isolated mode without site-packages. Before the program
+runs it, in order: applies resource limits, leaves the network (a new network namespace), drops
+root to `nobody`, restricts filesystem writes to DIR with Landlock, and installs an audit hook
+that refuses sockets, process creation, signals to other processes, native-code loading and
+writes or deletions outside DIR. Each layer is best-effort where the kernel lacks it; the audit
+hook is always there. Exit status 0 means the program (and its tests) passed.
+"""
+
+import ctypes
+import json
+import os
+import resource
+import sys
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+PR_SET_NO_NEW_PRIVS = 38
+NOBODY = 65534
+
+# Landlock (Linux >= 5.13): syscall numbers are the same on x86-64 and arm64.
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_RULE_PATH_BENEATH = 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_REMOVE_DIR, FS_REMOVE_FILE, FS_MAKE_CHAR, FS_MAKE_DIR = 1 << 4, 1 << 5, 1 << 6, 1 << 7
+FS_MAKE_REG, FS_MAKE_SOCK, FS_MAKE_FIFO, FS_MAKE_BLOCK, FS_MAKE_SYM = 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12
+FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
+
+libc = ctypes.CDLL(None, use_errno=True)
+layers = []
+
+
+def set_limits(limits):
+    for name, value in (
+        ("RLIMIT_CPU", limits["cpu_seconds"]),
+        ("RLIMIT_AS", limits["memory_bytes"]),
+        ("RLIMIT_FSIZE", limits["file_bytes"]),
+        ("RLIMIT_NPROC", limits["processes"]),
+        ("RLIMIT_NOFILE", 64),
+        ("RLIMIT_CORE", 0),
+    ):
+        resource.setrlimit(getattr(resource, name), (value, value))
+    layers.append("rlimits")
+
+
+def leave_network():
+    flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
+    if libc.unshare(flags) == 0:
+        layers.append("netns")
+
+
+def world_readable(path):
+    """Whether an unprivileged user can read `path` (every parent directory traversable)."""
+    path = os.path.realpath(path)
+    if not os.stat(path).st_mode & 0o004:
+        return False
+    while path != "/":
+        path = os.path.dirname(path)
+        if not os.stat(path).st_mode & 0o001:
+            return False
+    return True
+
+
+def drop_root(workdir):
+    # As `nobody` the program could not import the standard library of an interpreter installed
+    # under a private home (e.g. /root/.pyenv); then root stays, confined by the other layers.
+    if os.geteuid() != 0 or not world_readable(os.path.dirname(os.__file__)):
+        return
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    layers.append("nobody")
+
+
+class RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def landlock(workdir):
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, 1)
+    if abi < 1:
+        return
+    write_rights = (FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_CHAR | FS_MAKE_DIR | FS_MAKE_REG
+                    | FS_MAKE_SOCK | FS_MAKE_FIFO | FS_MAKE_BLOCK | FS_MAKE_SYM)
+    if abi >= 2:
+        write_rights |= FS_REFER
+    if abi >= 3:
+        write_rights |= FS_TRUNCATE
+    attr = RulesetAttr(write_rights, (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0, 0)
+    size = ctypes.sizeof(RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)
+    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
+    if ruleset < 0:
+        return
+    fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
+    rule = PathBeneathAttr(write_rights, fd)
+    if libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
+        return
+    os.close(fd)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return
+    if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) == 0:
+        layers.append(f"landlock-v{abi}")
+
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+BLOCKED_EVENTS = {
+    "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
+    "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "subprocess.Popen",
+    "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "os.setuid", "os.chroot", "sys._current_frames",
+    "os.add_dll_directory", "os.startfile", "webbrowser.open",
+}
+PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.link", "os.symlink", "os.truncate",
+               "os.chmod", "os.chown", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile",
+               "shutil.copytree", "os.chdir"}
+
+
+def audit_guard(workdir):
+    root = os.path.realpath(workdir) + os.sep
+    me = os.getpid()
+
+    def inside(path):
+        try:
+            return os.path.realpath(os.fsdecode(path)).startswith(root)
+        except Exception:
+            return False
+
+    def hook(event, args):
+        if event in BLOCKED_EVENTS:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "open":
+            path, mode, flags = args
+            if path is None or isinstance(path, int):
+                return
+            text = os.fsdecode(path)
+            if text.startswith("/proc/") and not text.startswith("/proc/self/"):
+                raise PermissionError("sandbox: other processes' /proc entries are not readable")
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & WRITE_FLAGS)
+            if writing and not inside(path):
+                raise PermissionError(f"sandbox: writing outside the sandbox directory: {text}")
+        elif event in PATH_EVENTS:
+            if not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+                raise PermissionError(f"sandbox: {event} outside the sandbox directory")
+        elif event in ("os.kill", "os.killpg"):
+            if args[0] not in (me, 0):
+                raise PermissionError("sandbox: signalling other processes is not allowed")
+
+    sys.addaudithook(hook)
+    layers.append("audit")
+
+
+def main():
+    workdir, limits = sys.argv[1], json.loads(sys.argv[2])
+    os.chdir(workdir)
+    set_limits(limits)
+    leave_network()
+    drop_root(workdir)
+    landlock(workdir)
+    with open(os.path.join(workdir, "layers.txt"), "w") as handle:
+        handle.write(" ".join(layers + ["audit"]))
+    audit_guard(workdir)
+    sys.setrecursionlimit(limits.get("recursion", 3000))
+    with open(os.path.join(workdir, "program.py"), encoding="utf-8") as handle:
+        source = handle.read()
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    exec(compile(source, "program.py", "exec"), namespace)
+
+
+if __name__ == "__main__":
+    main()

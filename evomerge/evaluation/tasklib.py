@@ -1,0 +1,141 @@
+"""What the lm-eval task YAMLs in evomerge/tasks call: datasets, scoring and aggregation.
+
+lm-eval imports the YAMLs' `!function utils.*` under a path-derived module name, so the
+functions (and the one piece of state, the token counter) live here, in a normal module,
+and tasks/utils.py only re-exports them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+from evomerge.evaluation import data
+
+# Set by the evaluator to the model's tokenizer: gold log-likelihoods are per token.
+_token_counter: Callable[[str], int] | None = None
+_sandbox_options: dict[str, Any] = {}
+
+
+def set_token_counter(counter: Callable[[str], int] | None) -> None:
+    global _token_counter
+    _token_counter = counter
+
+
+def set_sandbox_options(**options: Any) -> None:
+    _sandbox_options.clear()
+    _sandbox_options.update(options)
+
+
+def _count_tokens(text: str) -> int:
+    if _token_counter is None:
+        raise RuntimeError("gold log-likelihood needs a token counter; evaluate through evomerge.evaluation")
+    return max(1, _token_counter(text))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _dataset(task: str, fewshot: list[dict], **meta: Any):
+    from datasets import Dataset
+
+    split, seed = meta.get("split", "search"), int(meta.get("seed", 0))
+    size = (meta.get("sizes") or {}).get(task)
+    subjects = meta.get("subjects") if task == "mmlu" else None
+    items = data.select(task, split, size, seed, subjects=subjects)
+    splits = {"test": Dataset.from_list(items)}
+    if fewshot:
+        splits["fewshot"] = Dataset.from_list(fewshot)
+    return splits
+
+
+def gsm8k_dataset(**meta: Any):
+    return _dataset("gsm8k", data.fewshot_items("gsm8k", 8), **meta)
+
+
+def mmlu_dataset(**meta: Any):
+    return _dataset("mmlu", data.fewshot_items("mmlu", 10), **meta)
+
+
+def humaneval_dataset(**meta: Any):
+    return _dataset("humaneval", [], **meta)
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+
+def gsm8k_generation(doc: dict, results: list[str]) -> dict[str, float]:
+    response = results[0]
+    return {
+        "exact_match_strict": float(data.strict_answer(response) == doc["target"]),
+        "exact_match_flexible": float(data.flexible_answer(response) == doc["target"]),
+    }
+
+
+def gold_loglik(doc: dict, results: list, target_field: str) -> dict[str, float]:
+    loglik, _greedy = results[0]
+    return {"gold_loglik": loglik / _count_tokens(doc[target_field])}
+
+
+def gsm8k_gold(doc: dict, results: list) -> dict[str, float]:
+    return gold_loglik(doc, results, "answer")
+
+
+# ----------------------------------------------------------------------------- MMLU
+
+
+def mmlu_prompt(doc: dict) -> str:
+    letters = "ABCD"
+    choices = "\n".join(f"{letters[i]}. {choice}" for i, choice in enumerate(doc["choices"]))
+    subject = doc["subject"].replace("_", " ")
+    return f"The following is a multiple choice question about {subject}.\n\n{doc['question'].strip()}\n{choices}\nAnswer:"
+
+
+def mmlu_scores(doc: dict, results: list) -> dict[str, float]:
+    """Accuracy, and the log-probability of the right letter normalised over the four letters."""
+    lls = [ll for ll, _ in results]
+    gold = doc["answer"]
+    top = max(lls)
+    log_norm = top + math.log(sum(math.exp(ll - top) for ll in lls))
+    return {"acc": float(lls.index(top) == gold), "gold_loglik": lls[gold] - log_norm}
+
+
+# ----------------------------------------------------------------------------- HumanEval
+
+_FENCE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def humaneval_program(doc: dict, completion: str) -> str:
+    """The program to run: prompt + completion, or the completion alone when it restates the
+    function (chat models answer with whole functions, often inside a markdown fence)."""
+    fenced = _FENCE.findall(completion)
+    if fenced:
+        completion = fenced[0]
+    if re.search(rf"^def {re.escape(doc['entry_point'])}\s*\(", completion, re.MULTILINE):
+        imports = "\n".join(line for line in doc["prompt"].splitlines() if line.startswith(("import ", "from ")))
+        return imports + "\n" + completion
+    return doc["prompt"] + completion
+
+
+def humaneval_generation(doc: dict, results: list[str]) -> dict[str, Any]:
+    program = humaneval_program(doc, results[0])
+    tests = doc["test"] + f"\ncheck({doc['entry_point']})\n"
+    return {"pass@1": (program, tests)}
+
+
+def pass_at_1(items: list[tuple[str, str]]) -> float:
+    """Runs every program in the sandbox, in parallel, and returns the fraction that passed."""
+    from evomerge.evaluation.sandbox import Limits, run_programs
+
+    limits = _sandbox_options.get("limits", Limits())
+    results = run_programs(list(items), limits=limits, workers=_sandbox_options.get("workers"))
+    return sum(r.passed for r in results) / max(1, len(results))
+
+
+def humaneval_gold(doc: dict, results: list) -> dict[str, float]:
+    return gold_loglik(doc, results, "canonical_solution")
+
+
+def mean(items: list[float]) -> float:
+    return sum(items) / max(1, len(items))
