@@ -30,6 +30,39 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_tasks(spec: str, metric: str, limit: int | None, num_fewshot: int, subjects: str | None):
+    """'gsm8k,mmlu:accuracy,humaneval' -> TaskRequests; a ':metric' suffix overrides --metric."""
+    from evomerge.evaluation import TaskRequest
+
+    requests = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        task, _, own_metric = part.partition(":")
+        requests.append(TaskRequest(task, own_metric or metric, size=limit, num_fewshot=num_fewshot,
+                                    subjects=tuple(subjects.split(",")) if subjects and task == "mmlu" else None))
+    return requests
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from evomerge.evaluation import Evaluator, load_model
+
+    requests = parse_tasks(args.tasks, args.metric, args.limit, args.num_fewshot, args.subjects)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    evaluator = Evaluator(requests, tokenizer, split=args.split, seed=args.seed, batch_size=args.batch_size,
+                          progress=True)
+    scores = evaluator.evaluate(model)
+    report = {"model": args.model, "split": args.split, "seed": args.seed, **scores.to_json()}
+    text = json.dumps(report, indent=2, default=str)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    for task, value in scores.scores.items():
+        print(f"{task:10s} {next(r.metric for r in requests if r.task == task):12s} {value:.4f}")
+    print(f"({scores.seconds:.1f} s{', written to ' + args.output if args.output else ''})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -45,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     merge.set_defaults(func=_cmd_merge)
+
+    ev = sub.add_parser("eval", help="score a model on GSM8K / MMLU / HumanEval subsets (offline, through lm-eval)")
+    ev.add_argument("model", help="model directory, .gguf file or cached Hugging Face id")
+    ev.add_argument("--tasks", default="gsm8k,mmlu,humaneval", help="comma list; task:metric overrides --metric")
+    ev.add_argument("--metric", default="accuracy", choices=["accuracy", "gold_loglik"])
+    ev.add_argument("--split", default="search", choices=["search", "heldout"])
+    ev.add_argument("--limit", type=int, default=None, help="items per task (default: the whole split)")
+    ev.add_argument("--num-fewshot", type=int, default=0)
+    ev.add_argument("--subjects", default=None, help="MMLU subjects, comma separated (default: all)")
+    ev.add_argument("--seed", type=int, default=0, help="which items form the split")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    ev.add_argument("--output", default=None, help="write scores (lm-eval results layout) to this JSON file")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -26,5 +26,7 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
             handler.setFormatter(logging.Formatter(LOG_FORMAT))
             root.addHandler(handler)
     # Third-party chatter that drowns what happened.
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "lm_eval", "transformers", "fsspec"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "fsspec"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # lm-eval warns on every call about things evomerge does on purpose (model objects, metadata).
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)

@@ -1,0 +1,24 @@
+"""Evaluation: GSM8K, MMLU and HumanEval through lm-eval on a model held in memory, offline."""
+
+from __future__ import annotations
+
+from evomerge.evaluation.harness import Evaluator, Scores, TaskRequest
+
+__all__ = ["Evaluator", "Scores", "TaskRequest", "load_model"]
+
+
+def load_model(ref: str, *, device: str = "auto", dtype: str | None = None):
+    """(model, tokenizer) from a recipe-style reference: directory, .gguf file or cached hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.engine.checkpoint import locate
+    from evomerge.engine.device import parse_dtype, resolve_device
+
+    source = locate(ref)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    torch_dtype = parse_dtype(dtype) or source.stored_dtype()
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+    model.to(resolve_device(device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    return model, tokenizer

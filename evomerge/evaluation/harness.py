@@ -42,7 +42,8 @@ _ENV_INFO: dict[str, Any] = {}
 
 def _cache_env_info() -> None:
     """lm-eval's simple_evaluate records the environment (it runs `pip list` and friends in
-    subprocesses, ~0.5 s) on every call; it cannot change between candidates, so collect it once."""
+    subprocesses, ~0.5 s) on every call; it cannot change between candidates, so collect it once.
+    evomerge records its own provenance (recipe, seed, versions) in the results folder."""
     import lm_eval.evaluator as evaluator
 
     original = evaluator.add_env_info
@@ -56,6 +57,8 @@ def _cache_env_info() -> None:
 
     add_env_info._evomerge_cached = True  # type: ignore[attr-defined]
     evaluator.add_env_info = add_env_info
+    # Likewise the git hash (a `git describe` subprocess that prints "fatal" outside a repository).
+    evaluator.get_git_commit_hash = lambda: None
 
 
 def offline() -> None:

@@ -1,0 +1,185 @@
+"""The evaluation harness: splits, extraction, and lm-eval end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from evomerge.evaluation import Evaluator, TaskRequest, data
+from evomerge.evaluation.tasklib import humaneval_program, mmlu_scores
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("task", data.TASKS)
+def test_pools_are_disjoint_and_cover_everything(task):
+    pools = {name: {item["key"] for item in data.pool(task, name)} for name in ("search", "heldout", "train")}
+    assert pools["search"] and pools["heldout"]
+    assert not pools["search"] & pools["heldout"]
+    assert not pools["train"] & (pools["search"] | pools["heldout"])
+    if task == "mmlu":
+        fewshot = {item["key"] for item in data.pool(task, "fewshot")}
+        evaluated = {k.rsplit("\n", 4)[0] for k in pools["search"] | pools["heldout"]}
+        assert not fewshot & evaluated
+
+
+def test_gsm8k_searches_on_train_and_holds_out_test():
+    test_questions = {item["question"] for item in data.pool("gsm8k", "heldout")}
+    assert len(test_questions) == 1319
+    assert not test_questions & {item["question"] for item in data.pool("gsm8k", "search")}
+
+
+def test_splits_are_seeded_prefix_stable_and_disjoint():
+    a = data.select("mmlu", "search", 50, seed=3)
+    assert [i["key"] for i in a] == [i["key"] for i in data.select("mmlu", "search", 50, seed=3)]
+    assert [i["key"] for i in data.select("mmlu", "search", 20, seed=3)] == [i["key"] for i in a[:20]]
+    assert [i["key"] for i in data.select("mmlu", "search", 50, seed=4)] != [i["key"] for i in a]
+    held = {i["key"] for i in data.select("mmlu", "heldout", 3000, seed=3)}
+    assert not held & {i["key"] for i in data.select("mmlu", "search", 3000, seed=3)}
+
+
+def test_splits_do_not_depend_on_the_process():
+    """Identical across runs and machines: no Python hash randomisation involved."""
+    code = "from evomerge.evaluation import data; print([i['key'][:30] for i in data.select('gsm8k', 'search', 5, 11)])"
+    outputs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1 and "[" in outputs.pop()
+
+
+def test_split_errors_name_the_task():
+    from evomerge.errors import EvomergeError
+
+    with pytest.raises(EvomergeError, match="humaneval: search split has 83 items, 500 asked for"):
+        data.select("humaneval", "search", 500, 0)
+    with pytest.raises(EvomergeError, match="unknown bogus_subject"):
+        data.select("mmlu", "search", 5, 0, subjects=["bogus_subject"])
+
+
+@pytest.mark.parametrize(
+    "text,strict,flexible",
+    [
+        ("Janet has 16 - 3 - 4 = 9 eggs. 9 * 2 = 18\n#### 18", "18", "18"),
+        ("The answer is $1,250.", None, "1250"),
+        ("#### -7", "-7", "-7"),
+        ("So 3.50 + 2 = 5.5 dollars. #### 5.50", "5.50", "5.50"),
+        ("We get 12.0 apples", None, "12"),
+        ("no digits here", None, None),
+        ("First 4, then 40, finally 400.\n\nQuestion: next", None, "400"),
+    ],
+)
+def test_gsm8k_answer_extraction(text, strict, flexible):
+    assert data.strict_answer(text) == strict
+    assert data.flexible_answer(text) == flexible
+
+
+def test_gold_number_strips_separators():
+    assert data.gold_number("a\nb\n#### 1,234") == "1234"
+
+
+def test_humaneval_program_handles_bare_bodies_and_whole_functions():
+    doc = {"prompt": "from typing import List\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Add.\"\"\"\n", "entry_point": "add"}
+    assert humaneval_program(doc, "    return a + b\n").endswith("    return a + b\n")
+    whole = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\n"
+    program = humaneval_program(doc, whole)
+    assert program.startswith("from typing import List") and "def add(a, b)" in program and "```" not in program
+
+
+def test_mmlu_scores_normalise_over_the_four_letters():
+    scores = mmlu_scores({"answer": 2}, [(-3.0, False), (-2.0, False), (-1.0, True), (-4.0, False)])
+    assert scores["acc"] == 1.0
+    expected = -1.0 - torch.logsumexp(torch.tensor([-3.0, -2.0, -1.0, -4.0]), 0).item()
+    assert scores["gold_loglik"] == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_family["base"]).eval(), AutoTokenizer.from_pretrained(tiny_family["base"])
+
+
+def test_every_task_runs_offline_end_to_end_on_the_tiny_model(tiny_model, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("evaluation tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    model, tokenizer = tiny_model
+    requests = [TaskRequest("gsm8k", "accuracy", size=3), TaskRequest("mmlu", "accuracy", size=6),
+                TaskRequest("humaneval", "accuracy", size=3)]
+    scores = Evaluator(requests, tokenizer, batch_size=4).evaluate(model)
+    assert set(scores.scores) == {"gsm8k", "mmlu", "humaneval"}
+    assert all(0.0 <= v <= 1.0 for v in scores.scores.values())
+    assert scores.results["evomerge_gsm8k"]["exact_match_strict,none"] >= 0
+    assert scores.items == {"gsm8k": 3, "mmlu": 6, "humaneval": 3}
+    gold = Evaluator([TaskRequest("gsm8k", "gold_loglik", size=4), TaskRequest("mmlu", "gold_loglik", size=6),
+                      TaskRequest("humaneval", "gold_loglik", size=3)], tokenizer).evaluate(model)
+    assert all(v < 0 for v in gold.scores.values())  # mean log-probabilities
+
+
+def test_scores_are_deterministic_and_follow_the_weights(tiny_model, tiny_family):
+    """Same model, same scores; a different model object (other weights) gets a new HFLM and new scores."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_model
+    evaluator = Evaluator([TaskRequest("gsm8k", "gold_loglik", size=4), TaskRequest("mmlu", "gold_loglik", size=5)],
+                          tokenizer)
+    first, second = evaluator.evaluate(model), evaluator.evaluate(model)
+    assert first.scores == second.scores
+    other = AutoModelForCausalLM.from_pretrained(tiny_family["ft_code"]).eval()
+    assert evaluator.evaluate(other).scores != first.scores
+    with torch.no_grad():  # in-place weight changes (what the engine does) are seen by the same HFLM
+        for p in model.parameters():
+            p.mul_(1.5)
+    try:
+        assert evaluator.evaluate(model).scores != first.scores
+    finally:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.div_(1.5)
+
+
+def test_limit_keeps_the_first_items(tiny_model):
+    model, tokenizer = tiny_model
+    evaluator = Evaluator([TaskRequest("mmlu", "gold_loglik", size=8)], tokenizer)
+    assert evaluator.evaluate(model, limit=3).items == {"mmlu": 3}
+
+
+def test_cli_eval_writes_lm_eval_layout(tiny_family, tmp_path):
+    from evomerge.cli import main
+
+    out = tmp_path / "scores.json"
+    assert main(["eval", tiny_family["base"], "--tasks", "gsm8k,mmlu", "--metric", "gold_loglik", "--limit", "3",
+                 "--split", "heldout", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["split"] == "heldout" and set(report["scores"]) == {"gsm8k", "mmlu"}
+    assert "gold_loglik,none" in report["results"]["evomerge_gsm8k_gold"]
+
+
+def test_bad_task_requests_are_named():
+    from evomerge.errors import EvomergeError
+
+    with pytest.raises(EvomergeError, match="unknown task 'arc'"):
+        TaskRequest("arc")
+    with pytest.raises(EvomergeError, match="gsm8k.metric"):
+        TaskRequest("gsm8k", "bleu")
+
+
+@pytest.mark.slow
+def test_smollm2_runs_every_task_on_both_splits():
+    from evomerge.demo.smollm2 import ensure_base
+    from evomerge.evaluation import load_model
+
+    model, tokenizer = load_model(str(ensure_base()), device="cpu")
+    for split in ("search", "heldout"):
+        requests = [TaskRequest("gsm8k", "gold_loglik", size=4), TaskRequest("mmlu", "accuracy", size=8),
+                    TaskRequest("humaneval", "accuracy", size=2)]
+        scores = Evaluator(requests, tokenizer, split=split).evaluate(model)
+        assert -5 < scores.scores["gsm8k"] < 0 and 0 <= scores.scores["mmlu"] <= 1
