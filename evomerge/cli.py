@@ -63,6 +63,67 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo_family(args: argparse.Namespace) -> int:
+    import time
+
+    from evomerge.demo.family import build_family, score_family
+    from evomerge.report.tables import print_table
+
+    start = time.perf_counter()
+    family = build_family(args.output, device=args.device)
+    built = time.perf_counter() - start
+    print(f"demo family ready in {family.root} ({built:.0f} s)")
+    for name, path in family.members.items():
+        print(f"  {name:10s} {path}")
+    if not args.no_scores:
+        table = score_family(family, device=args.device)
+        columns = list(next(iter(table.values())))
+        print_table("search-split scores (higher is better)", ["member", *columns],
+                    [[name, *(f"{row[c]:.4f}" for c in columns)] for name, row in table.items()])
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.search import SearchSpace, dry_run, run_search
+
+    space = SearchSpace.load(args.space)
+    if args.dry_run:
+        for i, recipe in enumerate(dry_run(space, args.dry_run)):
+            print(f"# candidate {i} ({recipe.merge_method})")
+            print(recipe.to_yaml())
+        return 0
+    summary = run_search(space, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
+                         timeout=args.timeout, device=args.device, results_root=args.results,
+                         heldout=not args.no_heldout, progress=not args.quiet)
+    _print_summary(summary)
+    return 130 if summary.get("this_run", {}).get("interrupted") else 0
+
+
+def _print_summary(summary: dict) -> None:
+    best = summary.get("best")
+    trials = summary["trials"]
+    print(f"study {summary['study']}: {trials.get('COMPLETE', 0)} complete, {trials.get('PRUNED', 0)} pruned, "
+          f"{trials.get('FAIL', 0)} failed")
+    if best:
+        print(f"best: trial {best['trial']} ({best['method']}) score {best['value']:.4f}  "
+              + "  ".join(f"{k}={v:.4f}" for k, v in (best.get("scores") or {}).items()))
+    held = summary.get("heldout")
+    if held:
+        verdict = "beats" if held["winner_beats_all_sources"] else "does not beat"
+        print(f"held-out: the winner {verdict} every source model on the combined score "
+              f"({held['rows']['winner']['combined']:.4f})")
+    if summary.get("heldout_skipped"):
+        print(f"held-out: skipped ({summary['heldout_skipped']})")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from evomerge.search import write_report
+
+    summary = write_report(args.storage, args.study_name, args.results)
+    _print_summary(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -93,6 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     ev.add_argument("--output", default=None, help="write scores (lm-eval results layout) to this JSON file")
     ev.set_defaults(func=_cmd_eval)
+
+    demo = sub.add_parser("demo-family", help="build SmolLM2-135M + 3 fine-tuned specialists offline (cached)")
+    demo.add_argument("--output", default=None, help="directory (default: the user cache, keyed by recipe)")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--no-scores", action="store_true", help="skip the score table")
+    demo.set_defaults(func=_cmd_demo_family)
+
+    search = sub.add_parser("search", help="evolutionary search over merge recipes (resumable)")
+    search.add_argument("space", help="search space YAML (see search_spaces/)")
+    search.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the results folder)")
+    search.add_argument("--study-name", default=None, help="default: the space's name")
+    search.add_argument("--n-trials", type=int, default=None, help="override the space's n_trials")
+    search.add_argument("--timeout", type=float, default=None, help="seconds; override the space's timeout")
+    search.add_argument("--device", default=None, help="override the space's device")
+    search.add_argument("--results", default=None, help="results root (default: the space's results_dir)")
+    search.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
+    search.add_argument("--dry-run", type=int, nargs="?", const=3, default=0, metavar="N",
+                        help="print the first N recipes (default 3) without loading models")
+    search.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    search.set_defaults(func=_cmd_search)
+
+    report = sub.add_parser("report", help="write the results folder of a study from its database")
+    report.add_argument("--storage", required=True, help="Optuna storage URL")
+    report.add_argument("--study-name", required=True)
+    report.add_argument("--results", default="results", help="results root")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

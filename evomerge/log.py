@@ -30,3 +30,9 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # lm-eval warns on every call about things evomerge does on purpose (model objects, metadata).
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

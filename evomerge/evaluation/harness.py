@@ -10,6 +10,7 @@ engine hands over a different object, e.g. a different layer count). The search 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class TaskRequest:
     size: int | None = None
     num_fewshot: int = 0
     subjects: tuple[str, ...] | None = None  # MMLU only
+    max_gen_toks: int | None = None  # generation tasks: cap on new tokens (default: the task's)
 
     def __post_init__(self):
         if self.task not in data.TASKS:
@@ -104,6 +106,16 @@ class Scores:
 
     def to_json(self) -> dict[str, Any]:
         return {"scores": self.scores, "results": self.results, "seconds": self.seconds, "n_items": self.items}
+
+    @staticmethod
+    def combine(first: "Scores", rest: "Scores") -> "Scores":
+        """Scores of two disjoint item sets as one (every metric here is a mean over items)."""
+        scores, items = {}, {}
+        for task, value in first.scores.items():
+            a, b = first.items.get(task, 0), rest.items.get(task, 0)
+            items[task] = a + b
+            scores[task] = value if b == 0 else (rest.scores[task] if a == 0 else (a * value + b * rest.scores[task]) / (a + b))
+        return Scores(scores, {"first": first.results, "rest": rest.results}, first.seconds + rest.seconds, items)
 
 
 class Evaluator:
@@ -160,7 +172,12 @@ class Evaluator:
         loaded = manager.load(wanted)
         tasks = dict(_leaf_tasks(loaded))
         for r in self.requests:
-            tasks[r.lm_eval_task].set_config(key="num_fewshot", value=r.num_fewshot)
+            task = tasks[r.lm_eval_task]
+            task.set_config(key="num_fewshot", value=r.num_fewshot)
+            if r.max_gen_toks and task.config.output_type == "generate_until":
+                generation = dict(task.config.generation_kwargs or {})
+                generation["max_gen_toks"] = r.max_gen_toks
+                task.set_config(key="generation_kwargs", value=generation)
         return tasks
 
     def lm(self, model):
@@ -174,18 +191,30 @@ class Evaluator:
             self._model = model
         return self._lm
 
-    def evaluate(self, model, *, limit: int | float | None = None) -> Scores:
-        """Scores `model`; `limit` keeps only the first items of each task (a cheap first rung)."""
+    def evaluate(self, model, *, limit: int | float | None = None, part: tuple[float, float] | None = None) -> Scores:
+        """Scores `model`. `limit` keeps the first items of each task; `part=(a, b)` scores the
+        items at relative positions [a, b) of each task (rungs of a staged evaluation, combined
+        with `Scores.combine`)."""
         from lm_eval import simple_evaluate
 
         start = time.perf_counter()
         tasks = sorted({r.lm_eval_task for r in self.requests})
+        samples = None
+        if part is not None:
+            samples = {}
+            for name in tasks:
+                n = len(self._tasks[name].eval_docs)
+                lo, hi = _position(part[0], n), _position(part[1], n)
+                samples[name] = list(range(lo, max(hi, lo)))
+            if not any(samples.values()):
+                return Scores({r.task: math.nan for r in self.requests}, {}, 0.0, {r.task: 0 for r in self.requests})
         with torch.inference_mode():
             output = simple_evaluate(
                 model=self.lm(model),
                 tasks=[self._tasks[name] for name in tasks],
                 task_manager=self._manager,  # else lm-eval indexes its 26k built-in YAMLs (~10 s) per call
                 limit=limit,
+                samples=samples,
                 bootstrap_iters=0,
                 log_samples=False,
                 apply_chat_template=self.apply_chat_template,
@@ -204,6 +233,15 @@ class Evaluator:
             scores[r.task] = float(value)
             items[r.task] = int(output.get("n-samples", {}).get(r.lm_eval_task, {}).get("effective", 0))
         return Scores(scores, results, time.perf_counter() - start, items)
+
+
+def _position(fraction: float, n: int) -> int:
+    """Item index at a relative position; a first rung always has at least one item."""
+    if fraction <= 0:
+        return 0
+    if fraction >= 1:
+        return n
+    return min(n, max(1, round(fraction * n)))
 
 
 def _leaf_tasks(tree) -> list[tuple[str, Any]]:

@@ -1,0 +1,1 @@
+"""Reporting: results folders, leaderboards, plots and tables."""

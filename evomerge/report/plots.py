@@ -1,0 +1,118 @@
+"""PNG plots of a study, drawn with matplotlib (no display needed)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _score(trial) -> float:
+    values = trial.values or [math.nan]
+    return sum(values) / len(values)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def history(study: optuna.Study, path: Path) -> None:
+    """Every trial's score, coloured by method, with the best so far; pruned and failed trials marked."""
+    trials = study.get_trials(deepcopy=False)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    methods = sorted({t.user_attrs.get("method", "?") for t in trials})
+    colours = plt.get_cmap("tab10")
+    for i, method in enumerate(methods):
+        mine = [t for t in trials if t.user_attrs.get("method", "?") == method and t.state == TrialState.COMPLETE]
+        if mine:
+            ax.scatter([t.number for t in mine], [_score(t) for t in mine], s=18, color=colours(i % 10), label=method)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    if pruned:
+        ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+                   s=18, marker="x", color="grey", label="pruned (first rung)")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        low = ax.get_ylim()[0] if ax.has_data() else 0.0
+        ax.scatter([t.number for t in failed], [low] * len(failed), s=18, marker="v", color="red", label="failed")
+    best, line = -math.inf, []
+    for t in sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number):
+        best = max(best, _score(t))
+        line.append((t.number, best))
+    if line:
+        ax.step([x for x, _ in line], [y for _, y in line], where="post", color="black", linewidth=1.2, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("score (higher is better)")
+    ax.set_title(f"{study.study_name}: optimisation history")
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def task_scores(study: optuna.Study, tasks: list[str], path: Path) -> None:
+    trials = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.user_attrs.get("scores")), key=lambda t: t.number)
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(8, 2.4 * len(tasks)), sharex=True, squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks):
+        ax.plot([t.number for t in trials], [t.user_attrs["scores"].get(task, math.nan) for t in trials],
+                marker="o", markersize=3, linewidth=0.8)
+        ax.set_ylabel(task)
+    axes[-1, 0].set_xlabel("trial")
+    axes[0, 0].set_title(f"{study.study_name}: per-task scores of completed trials")
+    _save(fig, path)
+
+
+def importances(study: optuna.Study, path: Path) -> None:
+    """fANOVA importances over the completed trials of the best method (its own dimensions)."""
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    message = None
+    if len(study.directions) == 1 and len(completed) >= 4:
+        best = max(completed, key=lambda t: t.value)
+        method = best.user_attrs.get("method")
+        params = [p for p in best.params if p != "method"]
+        same = [t for t in completed if t.user_attrs.get("method") == method and set(params) <= set(t.params)]
+        try:
+            sub = optuna.create_study(direction="maximize")
+            sub.add_trials(optuna.trial.create_trial(params={p: t.params[p] for p in params},
+                                                     distributions={p: t.distributions[p] for p in params},
+                                                     value=t.value) for t in same)
+            values = optuna.importance.get_param_importances(sub, params=params) if params else {}
+        except (RuntimeError, ValueError) as exc:
+            values, message = {}, f"importances unavailable: {exc}"
+        if values:
+            names = list(values)[:20][::-1]
+            ax.barh(names, [values[n] for n in names])
+            ax.set_xlabel("importance (fANOVA)")
+            ax.set_title(f"{study.study_name}: what mattered ({method}, {len(same)} trials)")
+    else:
+        message = "importances need at least 4 completed trials (single objective)"
+    if message or not ax.has_data():
+        ax.axis("off")
+        ax.text(0.5, 0.5, message or "no searched parameters", ha="center", va="center")
+    _save(fig, path)
+
+
+def pareto(study: optuna.Study, tasks: list[str], path: Path) -> None:
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = {t.number for t in study.best_trials}
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter([t.values[0] for t in completed], [t.values[1] for t in completed], s=14, color="lightgrey",
+               label="trials")
+    best = [t for t in completed if t.number in front]
+    ax.scatter([t.values[0] for t in best], [t.values[1] for t in best], s=24, color="crimson", label="Pareto front")
+    ax.set_xlabel(tasks[0])
+    ax.set_ylabel(tasks[1])
+    ax.set_title(f"{study.study_name}: Pareto front ({tasks[0]} vs {tasks[1]})")
+    ax.legend(fontsize=8)
+    _save(fig, path)

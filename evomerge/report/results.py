@@ -1,0 +1,165 @@
+"""The results folder of a study: what a researcher opens in the morning.
+
+results/<study>/
+  best.yaml          the winning recipe (mergekit YAML: `mergekit-yaml best.yaml OUT` or `evomerge merge`)
+  leaderboard.csv    every finished trial: scores per task, method, time, full recipe
+  leaderboard.md     the top trials, readable
+  history.png        score per trial and best so far, by method; pruned and failed trials marked
+  tasks.png          each task's score per trial
+  importances.png    which searched numbers mattered (fANOVA on the best method's trials)
+  pareto.png         the Pareto front (multi-objective studies)
+  heldout.md/.json   the winner and every source model on the held-out split (accuracy metrics)
+  summary.json       counts, best trial, pruning savings, timings, versions
+  search.log         what happened
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge import __version__
+from evomerge.recipe import Recipe
+from evomerge.report import plots
+from evomerge.report.tables import markdown_table
+
+log = logging.getLogger(__name__)
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "recipe" in t.user_attrs]
+
+
+def trial_score(trial: FrozenTrial) -> float:
+    """Single objective: the value; multi-objective: the mean of the objectives."""
+    values = trial.values or [math.nan]
+    return sum(values) / len(values)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    trials = completed(study)
+    if not trials:
+        return None
+    if len(study.directions) == 1:
+        return max(trials, key=lambda t: t.value)
+    front = {t.number for t in study.best_trials}
+    return max((t for t in trials if t.number in front), key=trial_score)
+
+
+def ranked(study: optuna.Study) -> list[FrozenTrial]:
+    return sorted(completed(study), key=trial_score, reverse=True)
+
+
+def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[str],
+                  heldout: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes everything but the held-out evaluation (passed in when it was run)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
+    best = best_trial(study)
+    if best is not None:
+        Recipe.from_yaml(best.user_attrs["recipe"]).save(results_dir / "best.yaml")
+    _leaderboard(study, results_dir, task_names)
+    plots.history(study, results_dir / "history.png")
+    plots.task_scores(study, task_names, results_dir / "tasks.png")
+    plots.importances(study, results_dir / "importances.png")
+    if len(study.directions) > 1:
+        plots.pareto(study, task_names, results_dir / "pareto.png")
+    summary = {
+        "study": study.study_name,
+        "directions": [d.name.lower() for d in study.directions],
+        "trials": states,
+        "best": None if best is None else {
+            "trial": best.number, "value": trial_score(best), "method": best.user_attrs.get("method"),
+            "scores": best.user_attrs.get("scores"), "recipe": "best.yaml",
+        },
+        "pruning": pruning_savings(study),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": _versions(),
+        **(extra or {}),
+    }
+    if heldout is not None:
+        summary["heldout"] = heldout
+        _heldout_files(heldout, results_dir)
+    (results_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    log.info("results written to %s", results_dir)
+    return summary
+
+
+def pruning_savings(study: optuna.Study) -> dict[str, Any]:
+    """How much evaluation the pruner saved. Every trial scores a first rung (a fraction of each
+    task's items); completed trials then score only the remaining items, pruned ones stop."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    pruning = study.user_attrs.get("evomerge:space", {}).get("pruning", {})
+    rung = pruning.get("first_rung", 0.34) if pruning.get("enabled", False) else 1.0
+    spent = (len(trials) - pruned) + pruned * rung  # in full evaluations
+    return {"pruned_trials": pruned, "finished_trials": len(trials),
+            "evaluation_saved_fraction": round(1 - spent / len(trials), 3) if trials else 0.0}
+
+
+def _leaderboard(study: optuna.Study, results_dir: Path, task_names: list[str]) -> None:
+    rows = ranked(study)
+    with open(results_dir / "leaderboard.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rank", "trial", "score", "method", *task_names, "seconds", "recipe"])
+        for rank, t in enumerate(rows, 1):
+            scores = t.user_attrs.get("scores", {})
+            writer.writerow([rank, t.number, f"{trial_score(t):.6f}", t.user_attrs.get("method"),
+                             *(f"{scores.get(task, math.nan):.6f}" for task in task_names),
+                             t.user_attrs.get("seconds"), t.user_attrs.get("recipe")])
+    header = ["rank", "trial", "score", "method", *task_names, "parameters"]
+    table = []
+    for rank, t in enumerate(rows[:20], 1):
+        scores = t.user_attrs.get("scores", {})
+        table.append([rank, t.number, f"{trial_score(t):.4f}", t.user_attrs.get("method"),
+                      *(f"{scores.get(task, math.nan):.4f}" for task in task_names), _compact(t.params)])
+    text = f"# Leaderboard: {study.study_name}\n\nTop {len(table)} of {len(rows)} completed trials (higher is better). "
+    text += "Full recipes: leaderboard.csv; the winner: best.yaml.\n\n" + markdown_table(header, table)
+    (results_dir / "leaderboard.md").write_text(text, encoding="utf-8")
+
+
+def _compact(params: dict[str, Any]) -> str:
+    parts = []
+    for name, value in params.items():
+        if name == "method":
+            continue
+        short = ".".join(p for p in name.split(".")[1:] if p not in ("all", "rest"))
+        parts.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
+    return " ".join(parts)
+
+
+def _heldout_files(heldout: dict[str, Any], results_dir: Path) -> None:
+    (results_dir / "heldout.json").write_text(json.dumps(heldout, indent=2, default=str) + "\n")
+    columns = heldout["columns"]
+    rows = [[name, *(f"{row['scores'][c]:.4f}" for c in columns), f"{row['combined']:.4f}"]
+            for name, row in heldout["rows"].items()]
+    verdict = ("beats every source model" if heldout["winner_beats_all_sources"]
+               else "does NOT beat every source model")
+    text = (f"# Held-out scores\n\nSplit `heldout` (never seen by the search), seed {heldout['seed']}. "
+            f"Combined = mean over tasks. The winner {verdict} on the combined score.\n\n"
+            + markdown_table(["model", *columns, "combined"], rows))
+    (results_dir / "heldout.md").write_text(text, encoding="utf-8")
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    try:
+        import lm_eval
+
+        lm_eval_version = getattr(lm_eval, "__version__", "?")
+    except ImportError:  # pragma: no cover
+        lm_eval_version = "missing"
+    return {"evomerge": __version__, "optuna": optuna.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "lm_eval": lm_eval_version, "python": platform.python_version()}

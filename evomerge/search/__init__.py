@@ -1,0 +1,115 @@
+"""`evomerge search`: the product's main job, and `evomerge report`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from evomerge.evaluation import Evaluator, TaskRequest
+from evomerge.recipe import Recipe
+from evomerge.search.runner import Searcher, task_requests
+from evomerge.search.space import HeldoutEntry, SearchSpace
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SearchSpace", "Searcher", "run_search", "dry_run", "evaluate_heldout", "write_report"]
+
+
+def heldout_entries(space: SearchSpace) -> list[HeldoutEntry]:
+    if space.config.heldout:
+        return list(space.config.heldout)
+    return [HeldoutEntry(task=t.task, metric="accuracy", size=t.size) for t in space.config.tasks]
+
+
+def evaluate_heldout(searcher: Searcher, best_recipe: Recipe) -> dict[str, Any]:
+    """The winner and every source model, re-scored on the held-out split."""
+    space, engine = searcher.space, searcher.engine
+    entries = heldout_entries(space)
+    by_metric: dict[str, list] = {}
+    for entry in entries:
+        by_metric.setdefault(entry.metric, []).append(entry)
+    tokenizer = searcher.evaluator.tokenizer
+    evaluators = {metric: Evaluator(task_requests(space, group), tokenizer, split="heldout", seed=space.config.seed,
+                                    batch_size=space.config.batch_size) for metric, group in by_metric.items()}
+    candidates = {"winner": best_recipe}
+    sources = ({"base": space.base} if space.base and space.base not in space.models.values() else {}) | space.models
+    for name, path in sources.items():  # a source as the engine sees it: a weight-1 linear "merge"
+        candidates[name] = Recipe.from_dict({"merge_method": "linear", "dtype": space.config.dtype,
+                                             "models": [{"model": path, "parameters": {"weight": 1.0}}]})
+    columns = [f"{e.task}/{e.metric}" for e in entries]
+    combined_columns = [c for c in columns if c.endswith("/accuracy")] or columns
+    rows: dict[str, Any] = {}
+    for name, recipe in candidates.items():
+        model = engine.materialize(recipe, seed=space.config.seed)
+        scores = {}
+        for metric, evaluator in evaluators.items():
+            scores.update({f"{task}/{metric}": value for task, value in evaluator.evaluate(model).scores.items()})
+        rows[name] = {"scores": scores, "combined": sum(scores[c] for c in combined_columns) / len(combined_columns)}
+        log.info("held-out %s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    others = [row["combined"] for name, row in rows.items() if name != "winner"]
+    return {"split": "heldout", "seed": space.config.seed, "columns": columns, "combined_over": combined_columns,
+            "rows": rows, "winner_beats_all_sources": rows["winner"]["combined"] > max(others)}
+
+
+def run_search(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
+               n_trials: int | None = None, timeout: float | None = None, device: str | None = None,
+               results_root: str | Path | None = None, heldout: bool = True, progress: bool = True) -> dict[str, Any]:
+    from evomerge.log import setup_logging
+    from evomerge.report.results import best_trial, write_results
+
+    searcher = Searcher(space, storage=storage, study_name=study_name, results_root=results_root, device=device,
+                        progress=progress)
+    setup_logging(log_file=searcher.results_dir / "search.log")
+    outcome = searcher.run(n_trials=n_trials, timeout=timeout)
+    study = outcome.study
+    best = best_trial(study)
+    held = None
+    if heldout and best is not None and not outcome.interrupted:
+        log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
+        held = evaluate_heldout(searcher, Recipe.from_yaml(best.user_attrs["recipe"]))
+    extra = {"storage": searcher.storage_url, "this_run": {"trials": outcome.trials_run,
+             "seconds": round(outcome.seconds, 1), "interrupted": outcome.interrupted}}
+    if outcome.interrupted:
+        extra["heldout_skipped"] = "interrupted; rerun the same command to resume and finish"
+    return write_results(study, searcher.results_dir, task_names=[t.task for t in space.config.tasks], heldout=held,
+                         extra=extra)
+
+
+def write_report(storage: str, study_name: str, results_root: str | Path = "results") -> dict[str, Any]:
+    """`evomerge report`: the results folder of any study, from its database alone."""
+    from evomerge.report.results import write_results
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    space = study.user_attrs.get("evomerge:space", {})
+    tasks = [t["task"] for t in space.get("tasks", [])] or sorted(
+        {k for t in study.get_trials(deepcopy=False) for k in t.user_attrs.get("scores", {})})
+    return write_results(study, Path(results_root) / study_name, task_names=tasks, extra={"storage": storage})
+
+
+def dry_run(space: SearchSpace, count: int = 3) -> list[Recipe]:
+    """The first recipes the sampler would propose, without loading any model."""
+    from evomerge.search.sampler import make_sampler, suggest
+
+    study = optuna.create_study(directions=["maximize"] * (len(space.config.tasks) if space.config.objective == "multi" else 1),
+                                sampler=make_sampler(space))
+    layers = _layer_counts(space) if space.config.stacking else None
+    recipes = []
+    for _ in range(count):
+        trial = study.ask()
+        method, values = suggest(trial, space)
+        recipes.append(space.recipe(method, values, layers))
+    return recipes
+
+
+def _layer_counts(space: SearchSpace) -> dict[str, int]:
+    import json
+
+    counts = {}
+    for path in space.models.values():
+        config = Path(path) / "config.json"
+        if config.exists():
+            counts[path] = json.loads(config.read_text()).get("num_hidden_layers")
+    return counts

@@ -1,0 +1,222 @@
+"""Samplers: one CMA-ES per merge method, and Optuna's own for the rest.
+
+Optuna's CmaEsSampler hands categorical and conditional parameters to its random fallback, so
+a "CMA-ES" search over several methods would silently become a random one. `MethodwiseCmaEs`
+keeps one CMA-ES (the `cmaes` package) per method over that method's own continuous dimensions,
+normalised to [0, 1]:
+
+- Stateless: a method's optimizer is rebuilt on every proposal by replaying its told
+  generations from the trials' records (each trial stores its generation, its index and the
+  exact point x), so resuming a study or running many workers needs no extra state.
+- Asynchronous: a generation is told as soon as `popsize` of its candidates have finished (in
+  order of completion); while some are still running, further candidates are drawn from the same
+  generation, so no worker waits for a generation to end.
+- Candidate i of generation g is drawn with its own seeded generator: the same records always
+  give the same proposals, on any machine.
+- Several methods: each first gets one full generation; afterwards a trial goes to the method
+  ranked r-th by its best score with probability proportional to 2^-r (methods without
+  continuous parameters are evaluated once).
+
+Each proposal writes `evomerge:sampler = "cmaes"` and its CMA coordinates into the trial's
+system attributes; any parameter Optuna had to sample independently is recorded too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.search.space import Dimension, SearchSpace
+
+KEY = "evomerge:"
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+def popsize_for(dimensions: int) -> int:
+    """CMA-ES's default population, 4 + floor(3 ln d)."""
+    return 4 + int(3 * math.log(max(dimensions, 1)))
+
+
+def to_unit(dim: Dimension, value: float) -> float:
+    if dim.log:
+        return (math.log(value) - math.log(dim.low)) / (math.log(dim.high) - math.log(dim.low))
+    return (value - dim.low) / (dim.high - dim.low)
+
+
+def from_unit(dim: Dimension, x: float) -> float:
+    x = min(1.0, max(0.0, float(x)))
+    if dim.log:
+        return math.exp(math.log(dim.low) + x * (math.log(dim.high) - math.log(dim.low)))
+    return dim.low + x * (dim.high - dim.low)
+
+
+def trial_loss(trial: FrozenTrial) -> float | None:
+    """What CMA-ES minimises for a finished trial (the negated score); None when unknown."""
+    if trial.state == TrialState.COMPLETE and trial.value is not None and math.isfinite(trial.value):
+        return -trial.value
+    if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        value = trial.intermediate_values[max(trial.intermediate_values)]
+        return -value if math.isfinite(value) else None
+    return None
+
+
+def is_interrupted(trial: FrozenTrial, retried: set[int] = frozenset()) -> bool:
+    """Stopped by the user or lost with its worker (then retried): says nothing about the candidate."""
+    return trial.state == TrialState.FAIL and (bool(trial.user_attrs.get("interrupted")) or trial.number in retried)
+
+
+def retried_numbers(history: list[FrozenTrial]) -> set[int]:
+    return {t.user_attrs["retry_of"] for t in history if t.user_attrs.get("retry_of") is not None}
+
+
+class MethodwiseCmaEs(BaseSampler):
+    def __init__(self, space: SearchSpace, seed: int = 0, sigma0: float = 0.25, popsize: int | None = None):
+        self.space = space
+        self.seed = seed
+        self.sigma0 = sigma0
+        self.popsize = popsize
+        self._fallback = RandomSampler(seed=seed)
+
+    # -------------------------------------------------------------- Optuna interface
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        space: dict[str, BaseDistribution] = {}
+        if len(self.space.methods) > 1:
+            space["method"] = CategoricalDistribution(self.space.methods)
+        for method in self.space.methods:
+            for dim in self.space.dimensions(method):
+                space[dim.name] = FloatDistribution(dim.low, dim.high, log=dim.log)
+        return space
+
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        history = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        retry_of = trial.user_attrs.get("retry_of")
+        if retry_of is not None:
+            # A re-queued trial repeats a lost candidate: same parameters (fixed by the queue),
+            # same place in its generation.
+            original = next((t for t in history if t.number == retry_of), None)
+            if original is not None:
+                for key, value in original.system_attrs.items():
+                    if key.startswith(KEY) and key != KEY + "worker":
+                        study._storage.set_trial_system_attr(trial._trial_id, key, value)
+            return {}
+        method = self.choose_method(history, trial.number)
+        attrs: dict[str, Any] = {"sampler": "cmaes", "method": method}
+        params: dict[str, Any] = {"method": method} if len(self.space.methods) > 1 else {}
+        dims = self.space.dimensions(method)
+        if dims:
+            optimizer, generation, assigned = self.replay(method, history)
+            # Seeded by the slot and the trial number: reproducible from the records, and two
+            # workers racing for one slot still draw different candidates.
+            optimizer._rng = np.random.RandomState(_seed(self.seed, method, generation, assigned, trial.number))
+            x = optimizer.ask()
+            params.update({dim.name: from_unit(dim, xi) for dim, xi in zip(dims, x)})
+            attrs.update({"cma_generation": generation, "cma_index": assigned, "cma_x": [float(v) for v in x],
+                          "cma_sigma": float(optimizer._sigma), "cma_popsize": optimizer.population_size})
+        for key, value in attrs.items():
+            study._storage.set_trial_system_attr(trial._trial_id, KEY + key, value)
+        return params
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution) -> Any:
+        # Only reached for parameters outside the relative space; recorded so it cannot go unnoticed.
+        study._storage.set_trial_system_attr(trial._trial_id, KEY + "independent:" + param_name, True)
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    # -------------------------------------------------------------- CMA-ES per method
+
+    def new_optimizer(self, method: str):
+        from cmaes import CMA
+
+        dims = self.space.dimensions(method)
+        mean = np.array([to_unit(d, v) for d, v in zip(dims, self.space.default_values(method).values())])
+        return CMA(
+            mean=mean,
+            sigma=self.sigma0,
+            bounds=np.array([[0.0, 1.0]] * len(dims)),
+            seed=_seed(self.seed, method, "init"),
+            population_size=self.popsize or popsize_for(len(dims)),
+        )
+
+    def replay(self, method: str, history: list[FrozenTrial]):
+        """The method's optimizer after telling every complete generation; returns
+        (optimizer, current generation, candidates already assigned to it)."""
+        optimizer = self.new_optimizer(method)
+        popsize = optimizer.population_size
+        mine = [t for t in history if t.system_attrs.get(KEY + "method") == method
+                and KEY + "cma_generation" in t.system_attrs]
+        retried = retried_numbers(history)
+        generation = 0
+        while True:
+            members = [t for t in mine if t.system_attrs[KEY + "cma_generation"] == generation]
+            finished = [t for t in members if t.state.is_finished() and not is_interrupted(t, retried)]
+            if len(finished) < popsize:
+                return optimizer, generation, len(members)
+            finished.sort(key=lambda t: (t.datetime_complete, t.number))
+            chosen = finished[:popsize]
+            losses = [trial_loss(t) for t in chosen]
+            known = [v for v in losses if v is not None]
+            # Failed candidates rank below the worst finished one of their own generation
+            # (decided from that generation alone, so replays never change).
+            penalty = (max(known) + (max(known) - min(known)) + 1.0) if known else 0.0
+            optimizer.tell([(np.array(t.system_attrs[KEY + "cma_x"]), v if v is not None else penalty)
+                            for t, v in zip(chosen, losses)])
+            generation += 1
+
+    def choose_method(self, history: list[FrozenTrial], number: int) -> str:
+        methods = self.space.methods
+        if len(methods) == 1:
+            return methods[0]
+        assigned = {m: 0 for m in methods}
+        best: dict[str, float] = {}
+        retried = retried_numbers(history)
+        for t in history:
+            method = t.system_attrs.get(KEY + "method")
+            if method not in assigned or is_interrupted(t, retried):
+                continue
+            assigned[method] += 1
+            loss = trial_loss(t)
+            if loss is not None and t.state == TrialState.COMPLETE:
+                best[method] = min(best.get(method, math.inf), loss)
+        first = {m: popsize_for(len(self.space.dimensions(m))) if self.space.dimensions(m) else 1 for m in methods}
+        behind = [m for m in methods if assigned[m] < first[m]]
+        if behind:  # everyone's first generation, interleaved
+            return min(behind, key=lambda m: (assigned[m] / first[m], methods.index(m)))
+        candidates = [m for m in methods if self.space.dimensions(m)]  # parameter-less: done after one
+        if not candidates:
+            return min(methods, key=lambda m: best.get(m, math.inf))
+        ranked = sorted(candidates, key=lambda m: (best.get(m, math.inf), methods.index(m)))
+        weights = np.array([2.0 ** -rank for rank in range(len(ranked))])
+        rng = np.random.default_rng(_seed(self.seed, "method", number))
+        return ranked[int(rng.choice(len(ranked), p=weights / weights.sum()))]
+
+
+def make_sampler(space: SearchSpace) -> BaseSampler:
+    config = space.config
+    if config.sampler == "cmaes":
+        return MethodwiseCmaEs(space, seed=config.seed)
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, n_startup_trials=8)
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=config.seed)
+    return optuna.samplers.RandomSampler(seed=config.seed)
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[str, dict[str, float]]:
+    """Define-by-run: the method (when several), then that method's dimensions."""
+    methods = space.methods
+    method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+    values = {d.name: trial.suggest_float(d.name, d.low, d.high, log=d.log) for d in space.dimensions(method)}
+    return method, values

@@ -1,0 +1,184 @@
+"""Study storage and the coordination of workers that share it.
+
+A study is a plain Optuna study in an RDB storage (SQLite by default, PostgreSQL for many
+machines), so optuna-dashboard and any Optuna tool can open it. On top of it:
+
+- Heartbeats: each running trial records a heartbeat; a trial whose worker stopped beating is
+  failed and re-queued once with the same parameters (Optuna's heartbeat only runs inside
+  `optimize()`, and evomerge drives trials with ask/tell, so it keeps its own beat).
+- Dead local workers are recognised at once (same host, process gone) instead of after the
+  grace period, so a search killed with -9 and restarted picks up immediately.
+- Admission: counting the trials and asking for a new one happen under one lock (a file lock
+  for SQLite, a PostgreSQL advisory lock), so N workers stop at exactly `n_trials` trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+import psutil
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 5  # seconds
+GRACE_PERIOD = 30  # seconds without a heartbeat before a remote trial counts as dead
+WORKER_KEY = "evomerge:worker"
+# Trials that hold (or will hold) a place in the budget.
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def worker_id() -> str:
+    process = psutil.Process()
+    return f"{socket.gethostname()}:{process.pid}:{int(process.create_time())}"
+
+
+def default_storage(results: Path) -> str:
+    return f"sqlite:///{(results / 'study.db').resolve()}"
+
+
+def requeue_once(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A trial lost with its worker is tried again once, with the same parameters."""
+    if trial.user_attrs.get("retry_of") is not None:
+        log.warning("trial %d was itself a retry; not re-queued again", trial.number)
+        return
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    log.warning("trial %d lost its worker: failed and re-queued once", trial.number)
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    engine_kwargs = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        grace_period=GRACE_PERIOD,
+        heartbeat_stale_trial_callback=requeue_once,
+    )
+
+
+def recover_dead_trials(study: optuna.Study) -> int:
+    """Fails (and re-queues once) running trials whose worker is gone: on this host at once,
+    elsewhere when their heartbeat is older than the grace period."""
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.system_attrs.get(WORKER_KEY)
+        if not owner:
+            continue
+        owner_host, pid, started = owner.rsplit(":", 2)
+        if owner_host != host or _alive(int(pid), int(started)):
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker process died")
+            if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                requeue_once(study, trial)
+                recovered += 1
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker got there first
+    optuna.storages.fail_stale_trials(study)
+    return recovered
+
+
+def _alive(pid: int, started: int) -> bool:
+    try:
+        return int(psutil.Process(pid).create_time()) == started
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+class Heartbeat:
+    """Records a heartbeat for one trial every HEARTBEAT_INTERVAL seconds while running."""
+
+    def __init__(self, storage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as exc:  # a database hiccup must not kill the evaluation
+                log.debug("heartbeat failed: %s", exc)
+            if self._stop.wait(HEARTBEAT_INTERVAL):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class AdmissionLock:
+    """Serialises 'count the trials, then ask for one' across every worker of a study."""
+
+    def __init__(self, url: str, study_name: str):
+        self.url, self.study_name = url, study_name
+        self._key = int.from_bytes(hashlib.sha256(f"evomerge:{study_name}".encode()).digest()[:8], "big", signed=True)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.url.startswith("sqlite:///"):
+            from filelock import FileLock
+
+            path = Path(self.url.removeprefix("sqlite:///"))
+            with FileLock(str(path) + ".lock", timeout=600):
+                yield
+        elif self.url.startswith(("postgresql", "postgres")):
+            import psycopg
+
+            dsn = self.url.replace("postgresql+psycopg://", "postgresql://").replace("postgresql+psycopg2://", "postgresql://")
+            with psycopg.connect(dsn, autocommit=True) as connection:
+                connection.execute("SELECT pg_advisory_lock(%s)", (self._key,))
+                try:
+                    yield
+                finally:
+                    connection.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+        else:
+            yield  # other storages: best effort
+
+
+def admit(study: optuna.Study, lock: AdmissionLock, n_trials: int | None) -> optuna.Trial | None:
+    """A new trial, or None when the study already holds n_trials counted trials."""
+    with lock.hold():
+        if n_trials is not None:
+            counted = len(study.get_trials(deepcopy=False, states=COUNTED))
+            if counted >= n_trials:
+                # Waiting trials (re-queued after a dead worker) still run: they hold a place.
+                waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                if not waiting:
+                    return None
+        trial = study.ask()
+        study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, worker_id())
+        return trial
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def wait_for_others(study: optuna.Study, poll: float = 2.0, limit: float = 3600.0) -> None:
+    """Blocks while other workers still run trials (used before writing final results)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        recover_dead_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+        if not running:
+            return
+        time.sleep(poll)
+
