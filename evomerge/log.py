@@ -26,7 +26,7 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
             handler.setFormatter(logging.Formatter(LOG_FORMAT))
             root.addHandler(handler)
     # Third-party chatter that drowns what happened.
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "fsspec"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "fsspec", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # lm-eval warns on every call about things evomerge does on purpose (model objects, metadata).
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -36,3 +36,5 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # evomerge drives trials with ask/tell and keeps its own heartbeat (search/storage.py).
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")

@@ -379,15 +379,16 @@ DEMO_PREFIX = "demo-family:"
 
 def demo_member_path(member: str) -> str:
     """Where the demo family keeps a member (built on first use by the search, not here)."""
-    from evomerge.demo.family import FamilyRecipe, family_dir
+    from evomerge.demo.family import FamilyRecipe, member_dir
     from evomerge.demo.smollm2 import base_dir
 
     if member == "base":
         return str(base_dir())
-    names = [s.name for s in FamilyRecipe().specialists]
-    if member not in names:
-        raise SpaceError(f"{DEMO_PREFIX}{member}: the demo family has base, {', '.join(names)}")
-    return str(family_dir(FamilyRecipe()) / member)
+    recipe = FamilyRecipe()
+    specs = {s.name: s for s in recipe.specialists}
+    if member not in specs:
+        raise SpaceError(f"{DEMO_PREFIX}{member}: the demo family has base, {', '.join(specs)}")
+    return str(member_dir(specs[member], recipe))
 
 
 def _resolve(path: str, here: Path) -> str:

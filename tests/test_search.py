@@ -1,0 +1,310 @@
+"""The search: space validation, recipes from numbers, CMA-ES provenance, and whole studies on
+the tiny family (outputs, resume, failures, kill -9, Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from evomerge.errors import SpaceError
+from evomerge.recipe import Recipe, setting_leaves
+from evomerge.search import SearchSpace, dry_run, run_search
+from evomerge.search.sampler import KEY, MethodwiseCmaEs, _seed, from_unit, suggest
+from tests.conftest import REPO
+
+
+def _space(family: dict[str, str], tmp: Path, **overrides) -> dict:
+    space = {
+        "name": "tiny",
+        "models": [{"name": "math", "path": family["ft_math"]}, {"name": "code", "path": family["ft_code"]},
+                   {"name": "know", "path": family["ft_knowledge"]}],
+        "base_model": family["base"],
+        "methods": ["task_arithmetic"],
+        "tasks": [{"task": "gsm8k", "metric": "gold_loglik", "size": 4},
+                  {"task": "mmlu", "metric": "gold_loglik", "size": 6}],
+        "heldout": [{"task": "mmlu", "metric": "accuracy", "size": 4}, {"task": "gsm8k", "metric": "gold_loglik", "size": 3}],
+        "n_trials": 6,
+        "dtype": "float32",
+        "pruning": {"min_trials": 3},
+        "results_dir": str(tmp / "results"),
+    }
+    space.update(overrides)
+    return space
+
+
+def _write(space: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+# ----------------------------------------------------------------------------- space.yaml
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"methods": ["frankenmerge"]}, "methods: unknown merge method 'frankenmerge'"),
+        ({"sampler": "cmaes", "objective": "multi"}, "sampler: cmaes optimises one objective"),
+        ({"n_trials": None}, "n_trials or timeout"),
+        ({"methods": "passthrough"}, "stacking"),
+        ({"parameters": {"wieght": {"low": 0, "high": 1}}}, "parameters.wieght: not a searchable parameter"),
+        ({"parameters": {"weight": {"low": 1, "high": 0}}}, "parameters.weight: low must be below high"),
+        ({"tasks": [{"task": "gsm8k", "metric": "bleu"}]}, "tasks.0.metric"),
+        ({"layer_schedule": 0}, "layer_schedule"),
+        ({"base_model": None, "methods": "ties"}, "base_model: method 'ties' needs a base_model"),
+        ({"sampler": "cma"}, "sampler"),
+        ({"colour": "blue"}, "colour: unknown field"),
+    ],
+)
+def test_bad_spaces_name_the_field(override, message, tiny_family, tmp_path):
+    with pytest.raises(SpaceError) as info:
+        SearchSpace.load(_write(_space(tiny_family, tmp_path, **override), tmp_path / "space.yaml"))
+    assert message in str(info.value) and str(info.value).startswith(str(tmp_path / "space.yaml"))
+
+
+def test_relative_model_paths_are_relative_to_the_space_file(tiny_family, tmp_path):
+    family_root = Path(tiny_family["base"]).parent
+    space = _space(tiny_family, tmp_path, base_model="../" + family_root.name + "/base")
+    space["models"] = ["../" + family_root.name + "/ft_math", {"name": "code", "path": tiny_family["ft_code"]}]
+    folder = family_root.parent / "spaces"
+    folder.mkdir(exist_ok=True)
+    loaded = SearchSpace.load(_write(space, folder / "s.yaml"))
+    assert loaded.models["ft_math"] == tiny_family["ft_math"] and loaded.base == tiny_family["base"]
+
+
+def test_schedules_and_filters_become_gradients_and_filter_lists(tiny_family, tmp_path):
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["ties"], layer_schedule=3, filters=True))
+    dims = space.dimensions("ties")
+    assert len(dims) == 3 * 2 * 3 * 3 + 1  # models x (weight, density) x filters x points + lambda
+    values = {d.name: (d.low + d.high) / 2 for d in dims}
+    values["ties.math.weight.self_attn.2"] = 0.9
+    recipe = space.recipe("ties", values)
+    math_params = recipe.models[0].parameters
+    assert math_params["weight"][0] == {"filter": "self_attn", "value": [0.5, 0.5, 0.9]}
+    assert math_params["weight"][-1] == {"value": [0.5, 0.5, 0.5]}  # catch-all last
+    assert recipe.parameters == {"lambda": 1.0}
+    # and mergekit's own schema accepts it
+    mergekit_config = pytest.importorskip("mergekit.config")
+    mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(recipe.to_yaml()))
+
+
+def test_della_epsilon_keeps_density_inside_the_unit_interval(tiny_family, tmp_path):
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["della"], layer_schedule=2))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        values = {d.name: from_unit(d, rng.random()) for d in space.dimensions("della")}
+        recipe = space.recipe("della", values)
+        for model in recipe.models:
+            eps = model.parameters["epsilon"]
+            for density in setting_leaves(model.parameters["density"]):
+                assert density >= 1 or (density - eps > 0 and density + eps < 1)
+
+
+def test_task_arithmetic_does_not_search_density(tiny_family, tmp_path):
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path))
+    assert {d.param for d in space.dimensions("task_arithmetic")} == {"weight", "lambda"}
+
+
+def test_dry_run_prints_recipes_without_models(tmp_path):
+    """The 7B example spaces validate and propose recipes without any model on disk."""
+    for path in sorted((REPO / "search_spaces").glob("*.yaml")):
+        space = SearchSpace.load(path)
+        recipes = dry_run(space, 2)
+        assert len(recipes) == 2 and all(isinstance(r, Recipe) for r in recipes)
+
+
+# ----------------------------------------------------------------------------- CMA-ES provenance
+
+
+def _synthetic_study(space: SearchSpace, n: int, target: float = 0.8):
+    """The real sampler and recipes, scored by a cheap function of the weights (no model)."""
+    study = optuna.create_study(direction="maximize", sampler=MethodwiseCmaEs(space, seed=5))
+
+    def objective(trial):
+        method, values = suggest(trial, space)
+        trial.set_user_attr("method", method)
+        return -sum((v - target) ** 2 for k, v in values.items() if ".weight." in k)
+
+    study.optimize(objective, n_trials=n)
+    return study
+
+
+def test_continuous_parameters_are_proposed_by_cmaes(tiny_family, tmp_path):
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]))
+    study = _synthetic_study(space, 60)
+    sampler = study.sampler
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        attrs = trial.system_attrs
+        assert attrs[KEY + "sampler"] == "cmaes"
+        assert not [k for k in attrs if k.startswith(KEY + "independent:")], "a parameter escaped CMA-ES"
+        # Replaying the records before this trial reproduces its proposal exactly.
+        method = attrs[KEY + "method"]
+        earlier = [t for t in trials if t.number < trial.number]
+        optimizer, generation, assigned = sampler.replay(method, earlier)
+        assert (generation, assigned) == (attrs[KEY + "cma_generation"], attrs[KEY + "cma_index"])
+        optimizer._rng = np.random.RandomState(_seed(sampler.seed, method, generation, assigned, trial.number))
+        x = optimizer.ask()
+        assert np.allclose(x, attrs[KEY + "cma_x"])
+        for dim, xi in zip(space.dimensions(method), x):
+            assert math.isclose(trial.params[dim.name], from_unit(dim, xi), rel_tol=1e-9)
+    generations = {(t.system_attrs[KEY + "method"], t.system_attrs[KEY + "cma_generation"]) for t in trials}
+    assert {m for m, _ in generations} == {"task_arithmetic", "ties"}
+    assert max(g for _, g in generations) >= 2  # CMA-ES advanced, not just its first sample
+
+
+def test_cmaes_learns_where_random_does_not(tiny_family, tmp_path):
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path))
+    study = _synthetic_study(space, 90, target=0.9)
+    trials = study.get_trials(deepcopy=False)
+    sigmas = [t.system_attrs[KEY + "cma_sigma"] for t in trials]
+    assert sigmas[-1] < sigmas[0]
+    first = np.mean([t.value for t in trials[:10]])
+    last = np.mean([t.value for t in trials[-10:]])
+    assert last > first + 0.1  # the population moved towards the optimum
+
+
+# ----------------------------------------------------------------------------- whole studies
+
+
+def test_search_writes_every_output_and_resumes(tiny_family, tmp_path):
+    space = SearchSpace.load(_write(_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]), tmp_path / "s.yaml"))
+    summary = run_search(space, progress=False)
+    results = tmp_path / "results" / "tiny"
+    for name in ("best.yaml", "leaderboard.csv", "leaderboard.md", "history.png", "tasks.png", "importances.png",
+                 "summary.json", "heldout.md", "heldout.json", "search.log", "study.db"):
+        assert (results / name).exists(), name
+    assert summary["trials"]["COMPLETE"] + summary["trials"]["PRUNED"] == 6
+    best = Recipe.load(results / "best.yaml")
+    assert best.merge_method in ("task_arithmetic", "ties")
+    heldout = json.loads((results / "heldout.json").read_text())
+    assert set(heldout["rows"]) == {"winner", "base", "math", "code", "know"}
+    # Every completed trial can be re-run from its record alone.
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{results / 'study.db'}")
+    record = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    assert Recipe.from_yaml(record.user_attrs["recipe"]) == best and record.user_attrs["seed"] == 0
+    assert set(record.user_attrs["scores"]) == {"gsm8k", "mmlu"}
+    # Same command, bigger budget: the study continues where it was.
+    numbers_before = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    run_search(space, n_trials=9, heldout=False, progress=False)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{results / 'study.db'}")
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 9
+    after = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert all(after[n] == v for n, v in numbers_before.items())
+    # A different space under the same name is refused, naming the study.
+    other = SearchSpace.load(_write(_space(tiny_family, tmp_path, methods=["ties"]), tmp_path / "s.yaml"))
+    with pytest.raises(SpaceError, match="study 'tiny'"):
+        run_search(other, progress=False)
+
+
+def test_a_nan_candidate_fails_alone(tiny_family, tmp_path, monkeypatch):
+    from evomerge.search.runner import Searcher
+
+    original = Searcher.recipe_for
+
+    def recipe_for(self, trial):
+        recipe = original(self, trial)
+        if trial.number == 1:  # weights summing to zero: a real NaN merge
+            return Recipe.from_dict({"merge_method": "linear", "dtype": "float32", "models": [
+                {"model": tiny_family["ft_math"], "parameters": {"weight": 1.0}},
+                {"model": tiny_family["ft_code"], "parameters": {"weight": -1.0}}]})
+        return recipe
+
+    monkeypatch.setattr(Searcher, "recipe_for", recipe_for)
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=4, pruning={"enabled": False}))
+    summary = run_search(space, heldout=False, progress=False)
+    assert summary["trials"]["FAIL"] == 1 and summary["trials"]["COMPLETE"] == 4
+    study = optuna.load_study(study_name="tiny", storage=summary["storage"])
+    failed = study.get_trials(states=(TrialState.FAIL,))[0]
+    assert failed.number == 1 and "NaN/inf" in failed.user_attrs["fail_reason"]
+
+
+def test_multi_objective_search_draws_a_pareto_front(tiny_family, tmp_path):
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, objective="multi", sampler="nsga2", n_trials=4))
+    summary = run_search(space, heldout=False, progress=False)
+    assert summary["directions"] == ["maximize", "maximize"]
+    assert (tmp_path / "results" / "tiny" / "pareto.png").exists()
+
+
+def _search_process(space_file: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(space_file), "-q", "--no-heldout"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def _wait_for(study_db: Path, complete: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if study_db.exists():
+            try:
+                study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_db}")
+                done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if len(done) >= complete and running:
+                    return
+            except Exception:
+                pass
+        time.sleep(0.3)
+    raise AssertionError("the search did not get far enough")
+
+
+def test_kill_9_loses_no_completed_trial(tiny_family, tmp_path):
+    space = _space(tiny_family, tmp_path, n_trials=10, pruning={"enabled": False})
+    space["tasks"][1]["size"] = 12  # trials long enough to be killed in the middle of one
+    space_file = _write(space, tmp_path / "s.yaml")
+    db = tmp_path / "results" / "tiny" / "study.db"
+    process = _search_process(space_file, tmp_path / "first.log")
+    _wait_for(db, complete=3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    before = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert len(before) >= 3 and study.get_trials(states=(TrialState.RUNNING,))
+
+    process = _search_process(space_file, tmp_path / "second.log")
+    assert process.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-2000:]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    after = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert all(after[n] == v for n, v in before.items())  # only grows, nothing re-valued
+    assert len(after) == 10
+    lost = study.get_trials(states=(TrialState.FAIL,))
+    assert len(lost) == 1 and lost[0].user_attrs["fail_reason"] == "worker process died"
+    retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == lost[0].number]
+    assert len(retry) == 1 and retry[0].params == lost[0].params and retry[0].state == TrialState.COMPLETE
+    # No completed trial was evaluated twice: each trial number was evaluated in one process only.
+    log = (tmp_path / "results" / "tiny" / "search.log").read_text()
+    evaluated = [int(line.split("trial ")[1].split(":")[0]) for line in log.splitlines() if ": evaluating" in line]
+    assert len(evaluated) == len(set(evaluated))
+    assert set(before) <= set(evaluated) and not set(before) & set(evaluated[len(before) + 1:])
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path):
+    space = _space(tiny_family, tmp_path, n_trials=6, pruning={"enabled": False})
+    space["tasks"][1]["size"] = 12
+    space_file = _write(space, tmp_path / "s.yaml")
+    db = tmp_path / "results" / "tiny" / "study.db"
+    process = _search_process(space_file, tmp_path / "first.log")
+    _wait_for(db, complete=2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    summary = json.loads((tmp_path / "results" / "tiny" / "summary.json").read_text())
+    assert summary["this_run"]["interrupted"] is True
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    interrupted = study.get_trials(states=(TrialState.FAIL,))
+    assert len(interrupted) == 1 and interrupted[0].user_attrs["interrupted"] is True
+    assert _search_process(space_file, tmp_path / "second.log").wait(timeout=600) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
