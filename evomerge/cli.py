@@ -84,7 +84,7 @@ def _cmd_demo_family(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from evomerge.search import SearchSpace, dry_run, run_search
+    from evomerge.search import SearchSpace, dry_run, run_search, run_worker, run_workers
 
     space = SearchSpace.load(args.space)
     if args.dry_run:
@@ -92,9 +92,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
             print(f"# candidate {i} ({recipe.merge_method})")
             print(recipe.to_yaml())
         return 0
-    summary = run_search(space, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
-                         timeout=args.timeout, device=args.device, results_root=args.results,
-                         heldout=not args.no_heldout, progress=not args.quiet)
+    common = {"storage": args.storage, "study_name": args.study_name, "n_trials": args.n_trials,
+              "timeout": args.timeout, "device": args.device, "results_root": args.results}
+    if args.worker:
+        return run_worker(space, **common)
+    if args.workers > 1:
+        summary = run_workers(space, args.space, args.workers, heldout=not args.no_heldout,
+                              progress=not args.quiet, **common)
+    else:
+        summary = run_search(space, heldout=not args.no_heldout, progress=not args.quiet, **common)
     _print_summary(summary)
     return 130 if summary.get("this_run", {}).get("interrupted") else 0
 
@@ -172,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
     search.add_argument("--dry-run", type=int, nargs="?", const=3, default=0, metavar="N",
                         help="print the first N recipes (default 3) without loading models")
+    search.add_argument("--workers", type=int, default=1,
+                        help="local worker processes on the study (one per GPU when there are several)")
+    search.add_argument("--worker", action="store_true",
+                        help="run as one worker of a shared study: trials only, no held-out or results folder")
     search.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     search.set_defaults(func=_cmd_search)
 

@@ -61,3 +61,28 @@ def run_mergekit(recipe_file: Path, out_dir: Path, seed: int | None = None) -> d
     for file in sorted(out_dir.glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server: $EVOMERGE_TEST_POSTGRES_URL (what .ci/run starts), else a throwaway
+    one started here with Debian's postgresql binaries, else the test is skipped with the reason."""
+    import socket
+    import subprocess
+
+    url = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.skip("needs PostgreSQL: apt-get install postgresql (CI installs and starts it)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = subprocess.run([str(REPO / ".ci" / "postgres")], capture_output=True, text=True,
+                             env={**os.environ, "PGPORT_EVOMERGE": str(port)})
+    if started.returncode != 0:
+        pytest.skip(f"could not start PostgreSQL: {started.stderr.strip()[-300:]}")
+    url, directory = started.stdout.split()
+    yield url
+    subprocess.run([str(REPO / ".ci" / "postgres"), "stop", directory], capture_output=True)

@@ -226,11 +226,19 @@ def member_dir(spec: Specialist, recipe: FamilyRecipe, root: Path | None = None)
 def build_family(output: Path | None = None, *, recipe: FamilyRecipe = FamilyRecipe(), device: str = "auto",
                  progress: bool = True, base_dir: Path | None = None) -> Family:
     """Builds (or reuses) the family; returns its member paths and manifest."""
-    from evomerge.demo.smollm2 import ensure_base, gguf_path
-    from evomerge.engine.device import resolve_device
+    from filelock import FileLock
 
     root = Path(output) if output else family_dir(recipe)
     root.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (several search workers may start together); the others wait, then reuse.
+    with FileLock(str(root / ".build.lock")):
+        return _build(root, recipe, device, progress, base_dir)
+
+
+def _build(root: Path, recipe: FamilyRecipe, device: str, progress: bool, base_dir: Path | None) -> Family:
+    from evomerge.demo.smollm2 import ensure_base, gguf_path
+    from evomerge.engine.device import resolve_device
+
     manifest_path = root / f"manifest-{recipe.digest()}.json"
     torch_device = resolve_device(device)
     started = time.perf_counter()

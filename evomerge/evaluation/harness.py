@@ -103,6 +103,7 @@ class Scores:
     results: dict[str, dict[str, Any]]  # lm-eval's "results" section
     seconds: float
     items: dict[str, int] = field(default_factory=dict)
+    per_item: dict[str, list[float]] = field(default_factory=dict)  # with evaluate(per_item=True)
 
     def to_json(self) -> dict[str, Any]:
         return {"scores": self.scores, "results": self.results, "seconds": self.seconds, "n_items": self.items}
@@ -191,7 +192,8 @@ class Evaluator:
             self._model = model
         return self._lm
 
-    def evaluate(self, model, *, limit: int | float | None = None, part: tuple[float, float] | None = None) -> Scores:
+    def evaluate(self, model, *, limit: int | float | None = None, part: tuple[float, float] | None = None,
+                 per_item: bool = False) -> Scores:
         """Scores `model`. `limit` keeps the first items of each task; `part=(a, b)` scores the
         items at relative positions [a, b) of each task (rungs of a staged evaluation, combined
         with `Scores.combine`)."""
@@ -216,7 +218,7 @@ class Evaluator:
                 limit=limit,
                 samples=samples,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=per_item,
                 apply_chat_template=self.apply_chat_template,
                 fewshot_as_multiturn=bool(self.apply_chat_template),
                 random_seed=self.seed,
@@ -232,7 +234,14 @@ class Evaluator:
             value = row.get(f"{r.primary},none", row.get(r.primary))
             scores[r.task] = float(value)
             items[r.task] = int(output.get("n-samples", {}).get(r.lm_eval_task, {}).get("effective", 0))
-        return Scores(scores, results, time.perf_counter() - start, items)
+        details = {}
+        if per_item:
+            for r in self.requests:
+                if r.primary == "pass@1":  # aggregated by the sandbox, not per sample
+                    continue
+                samples = sorted(output["samples"][r.lm_eval_task], key=lambda s: s["doc_id"])
+                details[r.task] = [float(s[r.primary]) for s in samples]
+        return Scores(scores, results, time.perf_counter() - start, items, details)
 
 
 def _position(fraction: float, n: int) -> int:

@@ -15,7 +15,8 @@ from evomerge.search.space import HeldoutEntry, SearchSpace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchSpace", "Searcher", "run_search", "dry_run", "evaluate_heldout", "write_report"]
+__all__ = ["SearchSpace", "Searcher", "run_search", "run_workers", "run_worker", "dry_run", "evaluate_heldout",
+           "write_report"]
 
 
 def heldout_entries(space: SearchSpace) -> list[HeldoutEntry]:
@@ -76,6 +77,74 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
         extra["heldout_skipped"] = "interrupted; rerun the same command to resume and finish"
     return write_results(study, searcher.results_dir, task_names=[t.task for t in space.config.tasks], heldout=held,
                          extra=extra)
+
+
+def run_workers(space: SearchSpace, space_file: str, workers: int, *, storage: str | None = None,
+                study_name: str | None = None, n_trials: int | None = None, timeout: float | None = None,
+                device: str | None = None, results_root: str | Path | None = None, heldout: bool = True,
+                progress: bool = True) -> dict[str, Any]:
+    """`--workers N`: N local worker processes on one study (one per GPU when there are several),
+    then the held-out evaluation and the results folder, written by this process."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from evomerge.log import setup_logging
+    from evomerge.report.results import best_trial, write_results
+    from evomerge.search import storage as store
+
+    searcher = Searcher(space, storage=storage, study_name=study_name, results_root=results_root, device=device,
+                        progress=progress)
+    setup_logging(log_file=searcher.results_dir / "search.log")
+    study = searcher.open_study()  # created once, before the workers race for it
+    gpus = torch.cuda.device_count()
+    command = [sys.executable, "-m", "evomerge", "search", str(space_file), "--worker", "-q",
+               "--storage", searcher.storage_url, "--study-name", searcher.study_name,
+               "--results", str(searcher.results_dir.parent)]
+    for flag, value in (("--n-trials", n_trials), ("--timeout", timeout), ("--device", device)):
+        if value is not None:
+            command += [flag, str(value)]
+    processes = []
+    for index in range(workers):
+        env = dict(os.environ)
+        if gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        processes.append(subprocess.Popen(command, env=env))
+    log.info("started %d workers on study '%s' (%s)", workers, searcher.study_name, searcher.storage_url)
+    budget = n_trials or space.config.n_trials
+    started = time.monotonic()
+    with tqdm(total=budget, desc=f"search ({workers} workers)", unit="trial", disable=not progress) as bar:
+        while any(p.poll() is None for p in processes):
+            done = store.finished_count(study)
+            bar.update(max(0, min(done, budget or done) - bar.n))
+            time.sleep(2)
+    codes = [p.returncode for p in processes]
+    if any(codes):
+        log.warning("worker exit codes: %s", codes)
+    best = best_trial(study)
+    held = None
+    if heldout and best is not None:
+        searcher.load()
+        held = evaluate_heldout(searcher, Recipe.from_yaml(best.user_attrs["recipe"]))
+    extra = {"storage": searcher.storage_url, "this_run": {"workers": workers, "worker_exit_codes": codes,
+                                                            "seconds": round(time.monotonic() - started, 1)}}
+    return write_results(study, searcher.results_dir, task_names=[t.task for t in space.config.tasks],
+                         heldout=held, extra=extra)
+
+
+def run_worker(space: SearchSpace, **kwargs) -> int:
+    """One worker of a shared study: the trial loop only (no held-out, no results folder)."""
+    from evomerge.log import setup_logging
+
+    searcher = Searcher(space, storage=kwargs.get("storage"), study_name=kwargs.get("study_name"),
+                        results_root=kwargs.get("results_root"), device=kwargs.get("device"), progress=False)
+    setup_logging(log_file=searcher.results_dir / "search.log")
+    outcome = searcher.run(n_trials=kwargs.get("n_trials"), timeout=kwargs.get("timeout"))
+    return 130 if outcome.interrupted else 0
 
 
 def write_report(storage: str, study_name: str, results_root: str | Path = "results") -> dict[str, Any]:

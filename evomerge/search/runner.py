@@ -86,7 +86,7 @@ class Searcher:
         root = Path(results_root or space.config.results_dir)
         self.results_dir = root / self.study_name
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        self.storage_url = storage or space.config.storage or store.default_storage(self.results_dir)
+        self.storage_url = store.normalize_url(storage or space.config.storage or store.default_storage(self.results_dir))
         self.device = device or space.config.device
         self.progress = progress
         self.engine: MergeEngine | None = None
@@ -220,6 +220,7 @@ class Searcher:
         self._update_bar(bar, study)
         try:
             while timeout is None or time.monotonic() - start < timeout:
+                store.recover_dead_trials(study)  # a peer that died mid-trial: fail and re-queue its trial
                 trial = store.admit(study, lock, n_trials)
                 if trial is None:
                     store.recover_dead_trials(study)

@@ -54,7 +54,16 @@ def requeue_once(study: optuna.Study, trial: FrozenTrial) -> None:
     log.warning("trial %d lost its worker: failed and re-queued once", trial.number)
 
 
+def normalize_url(url: str) -> str:
+    """`postgresql://…` means the psycopg 3 driver (SQLAlchemy would default to psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
+    url = normalize_url(url)
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 60}

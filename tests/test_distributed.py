@@ -1,0 +1,101 @@
+"""Many workers, one study, on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from evomerge.recipe import Recipe
+from tests.conftest import REPO
+from tests.test_search import _space, _write
+
+pytestmark = pytest.mark.postgres
+
+
+def _worker(space_file, url, name, log) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(space_file), "--worker", "-q",
+                             "--storage", url, "--study-name", name], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def _running_on(study, pid: int):
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.system_attrs.get("evomerge:worker", "").split(":")[1:2] == [str(pid)]]
+
+
+def test_three_workers_one_killed_exact_budget(tiny_family, tmp_path, postgres_url):
+    from evomerge.engine import MergeEngine
+    from evomerge.search import SearchSpace
+    from evomerge.search.runner import Searcher, combined_score
+
+    n_trials = 12
+    space = _space(tiny_family, tmp_path, n_trials=n_trials, pruning={"enabled": False},
+                   methods=["task_arithmetic", "ties"])
+    space["tasks"][1]["size"] = 16  # ~1-2 s trials: long enough to be killed in the middle of one
+    space_file = _write(space, tmp_path / "space.yaml")
+    name = f"dist-{uuid.uuid4().hex[:8]}"
+    workers = [_worker(space_file, postgres_url, name, tmp_path / f"w{i}.log") for i in range(3)]
+    victim = workers[1]
+    deadline = time.time() + 300
+    killed_trial = None
+    while time.time() < deadline and killed_trial is None:
+        try:
+            study = optuna.load_study(study_name=name, storage=postgres_url)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            running = _running_on(study, victim.pid)
+            if len(done) >= 2 and running:
+                victim.send_signal(signal.SIGKILL)
+                killed_trial = running[0].number
+        except KeyError:
+            pass  # the study does not exist yet
+        time.sleep(0.2)
+    assert killed_trial is not None, "worker 1 never ran a trial"
+    victim.wait()
+    for worker in (workers[0], workers[2]):
+        assert worker.wait(timeout=600) == 0, (tmp_path / "w0.log").read_text()[-2000:]
+
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials  # exactly the budget, across all workers
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [killed_trial]
+    assert failed[0].user_attrs["fail_reason"] == "worker process died"
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed_trial]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == failed[0].params
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # The best recipe, re-run from its record alone, gives the recorded score.
+    best = max(complete, key=lambda t: t.value)
+    searcher = Searcher(SearchSpace.load(space_file), storage=postgres_url, study_name=name, progress=False)
+    searcher.load()
+    model = searcher.engine.materialize(Recipe.from_yaml(best.user_attrs["recipe"]), seed=best.user_attrs["seed"])
+    scores = searcher.evaluator.evaluate(model).scores
+    assert combined_score(searcher.space, scores) == pytest.approx(best.value, abs=1e-6)
+
+
+def test_workers_flag_runs_local_workers_and_writes_results(tiny_family, tmp_path, postgres_url):
+    from evomerge.cli import main
+
+    space_file = _write(_space(tiny_family, tmp_path, n_trials=5, pruning={"enabled": False}), tmp_path / "s.yaml")
+    name = f"flag-{uuid.uuid4().hex[:8]}"
+    assert main(["search", str(space_file), "--workers", "2", "--storage", postgres_url, "--study-name", name,
+                 "-q", "--no-heldout"]) == 0
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 5
+    workers = {t.system_attrs["evomerge:worker"] for t in study.get_trials()}
+    assert len(workers) == 2
+    assert (tmp_path / "results" / name / "leaderboard.md").exists()
+    # `evomerge report` rebuilds the results folder from the database alone.
+    assert main(["report", "--storage", postgres_url, "--study-name", name, "--results", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / name / "best.yaml").exists()
