@@ -160,20 +160,23 @@ def main() -> None:
     engine = MergeEngine([str(base), a, b, c], base_model=str(base), device=args.device, dtype=args.dtype, progress=False)
     load_s = time.perf_counter() - start
     device = engine.device
-    bandwidth = copy_bandwidth(device, engine.dtype)
+    bandwidth = copy_bandwidth(device, engine.dtype)  # also measured again beside each method: drift cancels
     params = sum(p.numel() for p in engine._model.parameters())
     print(f"# merge_speed: SmolLM2-135M ({params / 1e6:.1f}M params), base + 3 derived copies, {args.dtype}, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# sources loaded once in {load_s:.1f} s ({engine.source_bytes / 1e9:.2f} GB resident)")
-    print(f"# copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    print(f"# copy bandwidth (read + write of a 256 MB copy_, median): {bandwidth / 1e9:.1f} GB/s at start; "
+          "re-measured beside every method (column 4), the ratio uses that one")
     print()
-    print("| method | evomerge (s) | effective GB/s | / copy bandwidth | mergekit write + load (s) | mergekit / evomerge |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | evomerge (s) | effective GB/s | copy GB/s (same moment) | / copy bandwidth | "
+          "mergekit write + load (s) | mergekit / evomerge |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in selected:
         recipe = Recipe.from_dict(table[name])
         seconds, traffic = time_evomerge(engine, recipe, args.reps)
+        bandwidth = copy_bandwidth(device, engine.dtype, reps=5)  # right beside this method's timing
         effective = traffic / seconds
-        row = f"| {name} | {seconds:.3f} | {effective / 1e9:.1f} | {effective / bandwidth:.2f} |"
+        row = f"| {name} | {seconds:.3f} | {effective / 1e9:.1f} | {bandwidth / 1e9:.1f} | {effective / bandwidth:.2f} |"
         if args.no_mergekit:
             row += " – | – |"
         else:

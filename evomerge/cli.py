@@ -115,17 +115,18 @@ def _print_summary(summary: dict) -> None:
               + "  ".join(f"{k}={v:.4f}" for k, v in (best.get("scores") or {}).items()))
     held = summary.get("heldout")
     if held:
-        verdict = "beats" if held["winner_beats_all_sources"] else "does not beat"
-        print(f"held-out: the winner {verdict} every source model on the combined score "
-              f"({held['rows']['winner']['combined']:.4f})")
+        for metric, beats in held["winner_beats_all_sources"].items():
+            print(f"held-out: on combined {metric} the winner {'beats' if beats else 'does not beat'} every source "
+                  f"model ({held['rows']['winner']['combined'][metric]:.4f})")
     if summary.get("heldout_skipped"):
         print(f"held-out: skipped ({summary['heldout_skipped']})")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from evomerge.search import write_report
+    from evomerge.search import SearchSpace, write_report
 
-    summary = write_report(args.storage, args.study_name, args.results)
+    space = SearchSpace.load(args.heldout) if args.heldout else None
+    summary = write_report(args.storage, args.study_name, args.results, heldout_space=space)
     _print_summary(summary)
     return 0
 
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", required=True, help="Optuna storage URL")
     report.add_argument("--study-name", required=True)
     report.add_argument("--results", default="results", help="results root")
+    report.add_argument("--heldout", default=None, metavar="SPACE",
+                        help="the study's space.yaml: also score the winner and sources on the held-out split")
     report.set_defaults(func=_cmd_report)
     return parser
 

@@ -104,6 +104,7 @@ class Scores:
     seconds: float
     items: dict[str, int] = field(default_factory=dict)
     per_item: dict[str, list[float]] = field(default_factory=dict)  # with evaluate(per_item=True)
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # lm-eval's logged samples, per_item=True
 
     def to_json(self) -> dict[str, Any]:
         return {"scores": self.scores, "results": self.results, "seconds": self.seconds, "n_items": self.items}
@@ -201,14 +202,14 @@ class Evaluator:
 
         start = time.perf_counter()
         tasks = sorted({r.lm_eval_task for r in self.requests})
-        samples = None
+        subset = None
         if part is not None:
-            samples = {}
+            subset = {}
             for name in tasks:
                 n = len(self._tasks[name].eval_docs)
                 lo, hi = _position(part[0], n), _position(part[1], n)
-                samples[name] = list(range(lo, max(hi, lo)))
-            if not any(samples.values()):
+                subset[name] = list(range(lo, max(hi, lo)))
+            if not any(subset.values()):
                 return Scores({r.task: math.nan for r in self.requests}, {}, 0.0, {r.task: 0 for r in self.requests})
         with torch.inference_mode():
             output = simple_evaluate(
@@ -216,7 +217,7 @@ class Evaluator:
                 tasks=[self._tasks[name] for name in tasks],
                 task_manager=self._manager,  # else lm-eval indexes its 26k built-in YAMLs (~10 s) per call
                 limit=limit,
-                samples=samples,
+                samples=subset,
                 bootstrap_iters=0,
                 log_samples=per_item,
                 apply_chat_template=self.apply_chat_template,
@@ -241,7 +242,8 @@ class Evaluator:
                     continue
                 samples = sorted(output["samples"][r.lm_eval_task], key=lambda s: s["doc_id"])
                 details[r.task] = [float(s[r.primary]) for s in samples]
-        return Scores(scores, results, time.perf_counter() - start, items, details)
+        samples = {r.task: output["samples"][r.lm_eval_task] for r in self.requests} if per_item else {}
+        return Scores(scores, results, time.perf_counter() - start, items, details, samples)
 
 
 def _position(fraction: float, n: int) -> int:

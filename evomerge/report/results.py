@@ -140,14 +140,16 @@ def _compact(params: dict[str, Any]) -> str:
 
 def _heldout_files(heldout: dict[str, Any], results_dir: Path) -> None:
     (results_dir / "heldout.json").write_text(json.dumps(heldout, indent=2, default=str) + "\n")
-    columns = heldout["columns"]
-    rows = [[name, *(f"{row['scores'][c]:.4f}" for c in columns), f"{row['combined']:.4f}"]
+    columns, groups = heldout["columns"], heldout["combined_over"]
+    header = ["model", *columns, *(f"combined {metric}" for metric in groups)]
+    rows = [[name, *(f"{row['scores'][c]:.4f}" for c in columns), *(f"{row['combined'][m]:.4f}" for m in groups)]
             for name, row in heldout["rows"].items()]
-    verdict = ("beats every source model" if heldout["winner_beats_all_sources"]
-               else "does NOT beat every source model")
+    verdicts = []
+    for metric, beats in heldout["winner_beats_all_sources"].items():
+        verdicts.append(f"on combined {metric} the winner {'beats' if beats else 'does NOT beat'} every source model")
     text = (f"# Held-out scores\n\nSplit `heldout` (never seen by the search), seed {heldout['seed']}. "
-            f"Combined = mean over tasks. The winner {verdict} on the combined score.\n\n"
-            + markdown_table(["model", *columns, "combined"], rows))
+            f"Combined = mean over the tasks of one metric. {'; '.join(verdicts).capitalize()}.\n\n"
+            + markdown_table(header, rows))
     (results_dir / "heldout.md").write_text(text, encoding="utf-8")
 
 

@@ -41,18 +41,21 @@ def evaluate_heldout(searcher: Searcher, best_recipe: Recipe) -> dict[str, Any]:
         candidates[name] = Recipe.from_dict({"merge_method": "linear", "dtype": space.config.dtype,
                                              "models": [{"model": path, "parameters": {"weight": 1.0}}]})
     columns = [f"{e.task}/{e.metric}" for e in entries]
-    combined_columns = [c for c in columns if c.endswith("/accuracy")] or columns
+    groups = {metric: [c for c in columns if c.endswith("/" + metric)] for metric in ("accuracy", "gold_loglik")}
+    groups = {metric: cols for metric, cols in groups.items() if cols}
     rows: dict[str, Any] = {}
     for name, recipe in candidates.items():
         model = engine.materialize(recipe, seed=space.config.seed)
         scores = {}
         for metric, evaluator in evaluators.items():
             scores.update({f"{task}/{metric}": value for task, value in evaluator.evaluate(model).scores.items()})
-        rows[name] = {"scores": scores, "combined": sum(scores[c] for c in combined_columns) / len(combined_columns)}
+        combined = {metric: sum(scores[c] for c in cols) / len(cols) for metric, cols in groups.items()}
+        rows[name] = {"scores": scores, "combined": combined}
         log.info("held-out %s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    others = [row["combined"] for name, row in rows.items() if name != "winner"]
-    return {"split": "heldout", "seed": space.config.seed, "columns": columns, "combined_over": combined_columns,
-            "rows": rows, "winner_beats_all_sources": rows["winner"]["combined"] > max(others)}
+    beats = {metric: rows["winner"]["combined"][metric] > max(row["combined"][metric] for name, row in rows.items()
+                                                                 if name != "winner") for metric in groups}
+    return {"split": "heldout", "seed": space.config.seed, "columns": columns, "combined_over": groups,
+            "rows": rows, "winner_beats_all_sources": beats}
 
 
 def run_search(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
@@ -147,15 +150,32 @@ def run_worker(space: SearchSpace, **kwargs) -> int:
     return 130 if outcome.interrupted else 0
 
 
-def write_report(storage: str, study_name: str, results_root: str | Path = "results") -> dict[str, Any]:
-    """`evomerge report`: the results folder of any study, from its database alone."""
-    from evomerge.report.results import write_results
+def write_report(storage: str, study_name: str, results_root: str | Path = "results",
+                 heldout_space: SearchSpace | None = None) -> dict[str, Any]:
+    """`evomerge report`: the results folder of any study, from its database alone; with the
+    study's search space (and its models on this machine), the held-out table too."""
+    from evomerge.report.results import best_trial, write_results
+    from evomerge.search import storage as store
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    storage = store.normalize_url(storage)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        from evomerge.errors import EvomergeError
+
+        raise EvomergeError(f"no study '{study_name}' in {storage}") from None
     space = study.user_attrs.get("evomerge:space", {})
     tasks = [t["task"] for t in space.get("tasks", [])] or sorted(
         {k for t in study.get_trials(deepcopy=False) for k in t.user_attrs.get("scores", {})})
-    return write_results(study, Path(results_root) / study_name, task_names=tasks, extra={"storage": storage})
+    held = None
+    best = best_trial(study)
+    if heldout_space is not None and best is not None:
+        searcher = Searcher(heldout_space, storage=storage, study_name=study_name, results_root=results_root)
+        searcher.open_study()  # refuses a space other than the study's
+        searcher.load()
+        held = evaluate_heldout(searcher, Recipe.from_yaml(best.user_attrs["recipe"]))
+    return write_results(study, Path(results_root) / study_name, task_names=tasks, heldout=held,
+                         extra={"storage": storage})
 
 
 def dry_run(space: SearchSpace, count: int = 3) -> list[Recipe]:

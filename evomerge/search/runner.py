@@ -38,6 +38,27 @@ SPACE_ATTR = "evomerge:space_fingerprint"
 MAX_CONSECUTIVE_ERRORS = 5
 
 
+class RungPruner(optuna.pruners.BasePruner):
+    """Prunes a trial whose first-rung score is below the `quantile` of the first-rung scores of
+    every trial that reached that rung, pruned ones included. (Optuna's PercentilePruner compares
+    with completed trials only: the survivors set the bar, which then rises with every pruning.)"""
+
+    def __init__(self, quantile: float = 0.25, min_trials: int = 6):
+        self.quantile, self.min_trials = quantile, min_trials
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        others = [t.intermediate_values[step] for t in study.get_trials(
+                  deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if step in t.intermediate_values]
+        if len(others) < self.min_trials:
+            return False
+        import numpy as np
+
+        return trial.intermediate_values[step] < float(np.quantile(others, self.quantile))
+
+
 class CandidateFailed(Exception):
     """This candidate cannot be scored; the trial fails, the search goes on."""
 
@@ -98,8 +119,7 @@ class Searcher:
     def open_study(self) -> optuna.Study:
         config = self.space.config
         directions = ["maximize"] * (len(config.tasks) if config.objective == "multi" else 1)
-        # PercentilePruner(p) keeps the top p percent: 75 prunes the bottom quartile ("clearly bad").
-        pruner = (optuna.pruners.PercentilePruner(75.0, n_startup_trials=config.pruning.min_trials, n_warmup_steps=0)
+        pruner = (RungPruner(config.pruning.quantile, config.pruning.min_trials)
                   if config.pruning.enabled and config.objective != "multi" else optuna.pruners.NopPruner())
         storage = store.open_storage(self.storage_url)
         study = optuna.create_study(study_name=self.study_name, storage=storage, directions=directions,
@@ -171,7 +191,7 @@ class Searcher:
             trial.report(first_value, step=0)
             if trial.should_prune():
                 trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-                raise optuna.TrialPruned(f"first rung {first_value:.4f} in the bottom quartile")
+                raise optuna.TrialPruned(f"first rung {first_value:.4f} below the {config.pruning.quantile:.0%} quantile")
             scores = Scores.combine(first, self._score(model, part=(rung, 1.0))).scores
         else:
             scores = self._score(model).scores

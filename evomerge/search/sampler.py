@@ -61,14 +61,23 @@ def from_unit(dim: Dimension, x: float) -> float:
     return dim.low + x * (dim.high - dim.low)
 
 
-def trial_loss(trial: FrozenTrial) -> float | None:
-    """What CMA-ES minimises for a finished trial (the negated score); None when unknown."""
+def trial_loss(trial: FrozenTrial, rung_offset: float = 0.0) -> float | None:
+    """What CMA-ES minimises for a finished trial (the negated score); None when unknown. A pruned
+    trial has only a first-rung score (other items, other scale): `rung_offset` maps it to the
+    full scale."""
     if trial.state == TrialState.COMPLETE and trial.value is not None and math.isfinite(trial.value):
         return -trial.value
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         value = trial.intermediate_values[max(trial.intermediate_values)]
-        return -value if math.isfinite(value) else None
+        return -(value + rung_offset) if math.isfinite(value) else None
     return None
+
+
+def rung_offset(trials: list[FrozenTrial]) -> float:
+    """Mean (full score - first-rung score) of the completed trials among `trials`."""
+    gaps = [t.value - t.intermediate_values[0] for t in trials
+            if t.state == TrialState.COMPLETE and t.value is not None and 0 in t.intermediate_values]
+    return sum(gaps) / len(gaps) if gaps else 0.0
 
 
 def is_interrupted(trial: FrozenTrial, retried: set[int] = frozenset()) -> bool:
@@ -166,7 +175,8 @@ class MethodwiseCmaEs(BaseSampler):
                 return optimizer, generation, len(members)
             finished.sort(key=lambda t: (t.datetime_complete, t.number))
             chosen = finished[:popsize]
-            losses = [trial_loss(t) for t in chosen]
+            offset = rung_offset(chosen)  # from this generation alone, so replays never change
+            losses = [trial_loss(t, offset) for t in chosen]
             known = [v for v in losses if v is not None]
             # Failed candidates rank below the worst finished one of their own generation
             # (decided from that generation alone, so replays never change).

@@ -90,7 +90,8 @@ class Stacking(_Strict):
 class Pruning(_Strict):
     enabled: bool = True
     first_rung: float = Field(0.34, gt=0, lt=1)  # fraction of every task's items scored first
-    min_trials: int = Field(6, ge=1)  # trials completed before anything is pruned
+    quantile: float = Field(0.25, gt=0, lt=1)  # pruned when the first rung is below this quantile
+    min_trials: int = Field(6, ge=1)  # trials through the first rung before anything is pruned
 
 
 class SpaceConfig(_Strict):
