@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-fewshot", type=int, default=0)
     ev.add_argument("--subjects", default=None, help="MMLU subjects, comma separated (default: all)")
     ev.add_argument("--seed", type=int, default=0, help="which items form the split")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v),
+                    help="auto (default): largest that fits on a GPU, 8 on a CPU")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     ev.add_argument("--output", default=None, help="write scores (lm-eval results layout) to this JSON file")

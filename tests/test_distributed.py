@@ -33,7 +33,6 @@ def _running_on(study, pid: int):
 
 
 def test_three_workers_one_killed_exact_budget(tiny_family, tmp_path, postgres_url):
-    from evomerge.engine import MergeEngine
     from evomerge.search import SearchSpace
     from evomerge.search.runner import Searcher, combined_score
 

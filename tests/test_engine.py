@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from evomerge.cli import main
-from evomerge.engine import MergeEngine, merge_to_checkpoint
+from evomerge.engine import MergeEngine
 from evomerge.errors import ArchitectureMismatch, CheckpointError
 from evomerge.recipe import Recipe
 from tests.conftest import REPO

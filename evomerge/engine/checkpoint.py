@@ -63,7 +63,6 @@ class SourceModel:
         if self.kind != "safetensors":
             return None
         if self._shapes is None:
-            from safetensors import safe_open
 
             shapes: dict[str, tuple[int, ...]] = {}
             for file in self.files:
@@ -125,7 +124,6 @@ class SourceModel:
         if isinstance(declared, torch.dtype) and declared.is_floating_point:
             return declared
         if self.kind == "safetensors":
-            from safetensors import safe_open
 
             with _open_safetensors(self.files[0], self.ref) as handle:
                 for name in handle.keys():

@@ -9,7 +9,6 @@ __all__ = ["Evaluator", "Scores", "TaskRequest", "load_model"]
 
 def load_model(ref: str, *, device: str = "auto", dtype: str | None = None):
     """(model, tokenizer) from a recipe-style reference: directory, .gguf file or cached hub id."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.engine.checkpoint import locate

@@ -128,7 +128,7 @@ class Evaluator:
         *,
         split: str = "search",
         seed: int = 0,
-        batch_size: int = 8,
+        batch_size: int | str = "auto",
         max_length: int | None = None,
         apply_chat_template: bool | str = "auto",
         sandbox_workers: int | None = None,
@@ -188,8 +188,12 @@ class Evaluator:
             from lm_eval.models.huggingface import HFLM
 
             model.eval()
-            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                            max_length=self.max_length, device=str(_device_of(model)))
+            device = _device_of(model)
+            batch_size = self.batch_size
+            if batch_size == "auto":  # lm-eval finds the largest batch that fits a GPU; CPUs gain nothing past ~8
+                batch_size = "auto" if device.type == "cuda" else 8
+            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=batch_size,
+                            max_length=self.max_length, device=str(device))
             self._model = model
         return self._lm
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 
-from evomerge.evaluation import Evaluator, TaskRequest
+from evomerge.evaluation import Evaluator
 from evomerge.recipe import Recipe
 from evomerge.search.runner import Searcher, task_requests
 from evomerge.search.space import HeldoutEntry, SearchSpace

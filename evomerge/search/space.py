@@ -113,7 +113,7 @@ class SpaceConfig(_Strict):
     device: str = "auto"
     dtype: Optional[str] = "bfloat16"
     out_dtype: Optional[str] = None
-    batch_size: int = Field(8, ge=1)
+    batch_size: Union[Literal["auto"], int] = "auto"  # auto: largest that fits on a GPU, 8 on a CPU
     storage: Optional[str] = None
     pruning: Pruning = Field(default_factory=Pruning)
     results_dir: str = "results"
