@@ -102,33 +102,48 @@ def nuslerp(inputs: Inputs, *, weight, nuslerp_row_wise: bool = False, nuslerp_f
 
 
 def multislerp(inputs: Inputs, *, weight, normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere: project the unit inputs onto the tangent space
+    at their weighted mean direction, average there, map back, rescale by the weighted mean norm.
+
+    The result lies in the span of the inputs, so it is computed from their Gram matrix (k(k+1)/2
+    dot products) and finished with one fused weighted sum: the same formula as mergekit's, without
+    a full-size temporary per step.
+    """
     others = inputs.others
     if len(others) == 1:
         return others[0]
     base = inputs.base
-    points = torch.stack(inputs.task_vectors() if base is not None else others)
-    flat = points.view(points.shape[0], -1)
-    weights = torch.tensor([float(w) for w in weight], dtype=points.dtype, device=points.device)
+    vectors = list(inputs.task_vectors() if base is not None else others)
+    dtype = accumulation_dtype(vectors[0].dtype)
+    w = torch.tensor([float(x) for x in weight], dtype=torch.float64)
     if normalize_weights:
-        weights = weights / weights.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * weights.view(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
+        w = w / w.sum()
+    k = len(vectors)
+    flat = [v.reshape(-1).to(dtype) for v in vectors]
+    dots = torch.empty((k, k), dtype=torch.float64)
+    for i in range(k):
+        for j in range(i, k):
+            dots[i, j] = dots[j, i] = torch.dot(flat[i], flat[j]).item()
+    norms = dots.diagonal().clamp(min=0).sqrt()
+    scale = 1 / (norms + eps)  # unit_i = v_i * scale_i
+    gram = dots * scale[:, None] * scale[None, :]
+    mean_norm = math.sqrt(max(float(w @ gram @ w), 0.0))
     if mean_norm < eps:
-        if points.shape[0] != 2:
+        if k != 2:
             raise ValueError(
                 "multislerp: the weighted inputs cancel out (antipodal inputs with balancing weights); change the weights"
             )
-        result = (points[0] * weights[0] + points[1] * weights[1]).view(points.shape[1:])
-        return result if base is None else result + base
-    mean = mean / mean_norm
-    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
-    tangent = (tangents * weights.view(-1, 1)).sum(0)
-    tangent_norm = torch.norm(tangent) + eps
-    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
-    result = (result * (norms.squeeze(-1) * weights).sum()).view(points.shape[1:])
-    return result if base is None else result + base
+        coefficients = w.tolist()  # fall back to linear interpolation
+    else:
+        alpha = w / mean_norm  # mean direction m = sum alpha_i unit_i
+        along = gram @ alpha  # unit_i . m
+        beta = w - float(w @ along) * alpha  # tangent T = sum w_i (unit_i - (unit_i . m) m)
+        tangent_norm = math.sqrt(max(float(beta @ gram @ beta), 0.0)) + eps
+        gamma = alpha * math.cos(tangent_norm) + beta * (math.sin(tangent_norm) / tangent_norm)
+        coefficients = (gamma * float(norms @ w) * scale).tolist()
+    if base is not None:
+        return weighted_sum((base, *vectors), (1.0, *coefficients), out=inputs.out)
+    return weighted_sum(vectors, coefficients, out=inputs.out)
 
 
 def karcher_mean(tensors, alphas, *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:

@@ -92,7 +92,7 @@ def importances(study: optuna.Study, path: Path) -> None:
             values, message = {}, f"importances unavailable: {exc}"
         if values:
             names = list(values)[:20][::-1]
-            ax.barh(names, [values[n] for n in names])
+            ax.barh([pretty_param(n) for n in names], [values[n] for n in names])
             ax.set_xlabel("importance (fANOVA)")
             ax.set_title(f"{study.study_name}: what mattered ({method}, {len(same)} trials)")
     else:
@@ -101,6 +101,18 @@ def importances(study: optuna.Study, path: Path) -> None:
         ax.axis("off")
         ax.text(0.5, 0.5, message or "no searched parameters", ha="center", va="center")
     _save(fig, path)
+
+
+def pretty_param(name: str) -> str:
+    """'ties.math.weight.self_attn.1' -> 'math.weight[self_attn][1]' (method and defaults dropped)."""
+    parts = name.split(".")
+    if len(parts) != 5:
+        return name
+    _method, owner, param, flt, point = parts
+    label = param if owner == "all" else f"{owner}.{param}"
+    if flt != "rest":
+        label += f"[{flt}]"
+    return label + f"[{point}]"
 
 
 def pareto(study: optuna.Study, tasks: list[str], path: Path) -> None:

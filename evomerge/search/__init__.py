@@ -116,6 +116,8 @@ def run_workers(space: SearchSpace, space_file: str, workers: int, *, storage: s
         env = dict(os.environ)
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        elif gpus == 0:  # CPU workers share the cores instead of each claiming all of them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         processes.append(subprocess.Popen(command, env=env))
     log.info("started %d workers on study '%s' (%s)", workers, searcher.study_name, searcher.storage_url)
     budget = n_trials or space.config.n_trials
