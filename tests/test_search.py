@@ -283,7 +283,10 @@ def test_kill_9_loses_no_completed_trial(tiny_family, tmp_path):
     lost = study.get_trials(states=(TrialState.FAIL,))
     assert len(lost) == 1 and lost[0].user_attrs["fail_reason"] == "worker process died"
     retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == lost[0].number]
-    assert len(retry) == 1 and retry[0].params == lost[0].params and retry[0].state == TrialState.COMPLETE
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    if "evomerge:cma_x" in lost[0].system_attrs:  # it had been proposed: the retry is the same candidate
+        assert retry[0].system_attrs["evomerge:cma_x"] == lost[0].system_attrs["evomerge:cma_x"]
+    assert not lost[0].params or retry[0].params == lost[0].params
     # No completed trial was evaluated twice: each trial number was evaluated in one process only.
     log = (tmp_path / "results" / "tiny" / "search.log").read_text()
     evaluated = [int(line.split("trial ")[1].split(":")[0]) for line in log.splitlines() if ": evaluating" in line]
@@ -308,3 +311,30 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path
     assert _search_process(space_file, tmp_path / "second.log").wait(timeout=600) == 0
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+
+
+def test_a_trial_lost_before_storing_its_parameters_is_retried_as_the_same_candidate(tiny_family, tmp_path):
+    from evomerge.search.storage import requeue_once
+
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]))
+    study = optuna.create_study(direction="maximize", sampler=MethodwiseCmaEs(space, seed=1))
+    lost = study.ask()
+    assert lost.relative_params  # the sampler proposed (recorded in system attributes) ...
+    study.tell(lost, state=TrialState.FAIL)  # ... and the worker died before suggest() stored anything
+    assert not study.trials[lost.number].params
+    requeue_once(study, study.trials[lost.number])
+    retry = study.ask()
+    method, values = suggest(retry, space)
+    recorded = study.trials[lost.number].system_attrs
+    assert retry.user_attrs["retry_of"] == lost.number and method == recorded[KEY + "method"]
+    expected = {d.name: from_unit(d, x) for d, x in zip(space.dimensions(method), recorded[KEY + "cma_x"])}
+    assert values == pytest.approx(expected)
+    assert not [k for k in study.trials[retry.number].system_attrs if k.startswith(KEY + "independent:")]
+    # A trial lost before the sampler ever proposed (no record) is retried as a fresh CMA-ES proposal.
+    empty = study.ask()
+    study.tell(empty, state=TrialState.FAIL)
+    requeue_once(study, study.trials[empty.number])
+    fresh = study.ask()
+    suggest(fresh, space)
+    attrs = study.trials[fresh.number].system_attrs
+    assert attrs[KEY + "sampler"] == "cmaes" and not [k for k in attrs if k.startswith(KEY + "independent:")]

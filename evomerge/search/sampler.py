@@ -113,15 +113,19 @@ class MethodwiseCmaEs(BaseSampler):
             return {}
         history = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
         retry_of = trial.user_attrs.get("retry_of")
-        if retry_of is not None:
-            # A re-queued trial repeats a lost candidate: same parameters (fixed by the queue),
-            # same place in its generation.
-            original = next((t for t in history if t.number == retry_of), None)
-            if original is not None:
-                for key, value in original.system_attrs.items():
-                    if key.startswith(KEY) and key != KEY + "worker":
-                        study._storage.set_trial_system_attr(trial._trial_id, key, value)
-            return {}
+        original = next((t for t in history if t.number == retry_of), None) if retry_of is not None else None
+        if original is not None and KEY + "cma_x" in original.system_attrs:
+            # A re-queued trial repeats the lost candidate: same proposal, same place in its
+            # generation (rebuilt from the recorded point: the worker may have died before storing
+            # some or all of its parameters; the stored ones are the same values).
+            for key, value in original.system_attrs.items():
+                if key.startswith(KEY) and key != KEY + "worker":
+                    study._storage.set_trial_system_attr(trial._trial_id, key, value)
+            method = original.system_attrs[KEY + "method"]
+            x = original.system_attrs[KEY + "cma_x"]
+            params = {dim.name: from_unit(dim, xi) for dim, xi in zip(self.space.dimensions(method), x)}
+            return {"method": method, **params} if len(self.space.methods) > 1 else params
+        # (a lost trial that never got a proposal is simply a new one)
         method = self.choose_method(history, trial.number)
         attrs: dict[str, Any] = {"sampler": "cmaes", "method": method}
         params: dict[str, Any] = {"method": method} if len(self.space.methods) > 1 else {}
@@ -226,6 +230,9 @@ def make_sampler(space: SearchSpace) -> BaseSampler:
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[str, dict[str, float]]:
     """Define-by-run: the method (when several), then that method's dimensions."""
+    # Optuna asks the sampler lazily, and not at all when a queued trial fixes every parameter:
+    # ask it up front, so each trial (retries included) carries its CMA-ES record.
+    trial.relative_params  # noqa: B018
     methods = space.methods
     method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
     values = {d.name: trial.suggest_float(d.name, d.low, d.high, log=d.log) for d in space.dimensions(method)}
