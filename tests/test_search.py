@@ -338,3 +338,17 @@ def test_a_trial_lost_before_storing_its_parameters_is_retried_as_the_same_candi
     suggest(fresh, space)
     attrs = study.trials[fresh.number].system_attrs
     assert attrs[KEY + "sampler"] == "cmaes" and not [k for k in attrs if k.startswith(KEY + "independent:")]
+
+
+def test_a_trial_lost_before_its_worker_wrote_its_name_is_recovered(tmp_path, monkeypatch):
+    """kill -9 between ask() and the worker's name reaching the database leaves an ownerless
+    RUNNING trial that never beat: after the grace period it is failed and re-queued once."""
+    from evomerge.search import storage as store
+
+    study = optuna.create_study(storage=store.open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="x")
+    study.ask()
+    assert store.recover_dead_trials(study) == 0  # still within the grace period: a worker may be writing
+    monkeypatch.setattr(store, "GRACE_PERIOD", 0)
+    assert store.recover_dead_trials(study) == 1
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.get_trials()[1].user_attrs["retry_of"] == 0

@@ -15,6 +15,7 @@ machines), so optuna-dashboard and any Optuna tool can open it. On top of it:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import logging
 import socket
@@ -81,13 +82,19 @@ def recover_dead_trials(study: optuna.Study) -> int:
     elsewhere when their heartbeat is older than the grace period."""
     host = socket.gethostname()
     recovered = 0
+    now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(WORKER_KEY)
         if not owner:
-            continue
-        owner_host, pid, started = owner.rsplit(":", 2)
-        if owner_host != host or _alive(int(pid), int(started)):
-            continue
+            # A worker writes its name within milliseconds of asking; a trial still without one
+            # after the grace period lost its worker in between (and never beat).
+            started_at = trial.datetime_start
+            if started_at is None or (now - started_at).total_seconds() < GRACE_PERIOD:
+                continue
+        else:
+            owner_host, pid, started = owner.rsplit(":", 2)
+            if owner_host != host or _alive(int(pid), int(started)):
+                continue
         try:
             study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
             study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker process died")
@@ -174,6 +181,7 @@ def admit(study: optuna.Study, lock: AdmissionLock, n_trials: int | None) -> opt
                     return None
         trial = study.ask()
         study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, worker_id())
+        study._storage.record_heartbeat(trial._trial_id)
         return trial
 
 
