@@ -3,7 +3,8 @@
 Per method, in one run:
   - evomerge: time to write one candidate into the resident model (median of --reps, after a warm-up)
   - its effective bandwidth: (bytes of inputs read + bytes written) / time, as a ratio of this
-    machine's copy bandwidth measured in the same run the same way ((read + write) / time of copy_)
+    machine's copy bandwidth measured in the same run the same way: (read + write) / time of copy_
+    of one source's tensors into the resident model (the same memory a merge moves), beside each method
   - mergekit: `run_merge` writing the same recipe to disk + `from_pretrained` of the result (what a
     mergekit-based search pays per candidate; import time excluded), and the ratio to evomerge.
 
@@ -92,19 +93,21 @@ def recipes(base: str, a: str, b: str, c: str, dtype: str) -> dict[str, dict]:
     return table
 
 
-def copy_bandwidth(device: torch.device, dtype: torch.dtype, reps: int = 7) -> float:
-    """(bytes read + bytes written) per second of a large copy_, median of reps."""
-    n = 256 * 1024 * 1024 // torch.tensor([], dtype=dtype).element_size()
-    src = torch.randn(n, device=device).to(dtype)
-    dst = torch.empty_like(src)
+def copy_bandwidth(engine: MergeEngine, reps: int = 5) -> float:
+    """(bytes read + bytes written) per second of copy_ from one source's resident tensors into the
+    resident model's parameters: the same tensors, sizes and memory a merge moves, no arithmetic."""
+    params = dict(engine._model.named_parameters())
+    pairs = [(params[name].data, engine.stacks[name][0]) for name in params if name in engine.stacks]
+    moved = 2 * sum(p.numel() * p.element_size() for p, _ in pairs)
     times = []
     for _ in range(reps + 1):
-        _sync(device)
+        _sync(engine.device)
         start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
+        for target, source in pairs:
+            target.copy_(source)
+        _sync(engine.device)
         times.append(time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / statistics.median(times[1:])
+    return moved / statistics.median(times[1:])
 
 
 def _sync(device: torch.device) -> None:
@@ -160,13 +163,14 @@ def main() -> None:
     engine = MergeEngine([str(base), a, b, c], base_model=str(base), device=args.device, dtype=args.dtype, progress=False)
     load_s = time.perf_counter() - start
     device = engine.device
-    bandwidth = copy_bandwidth(device, engine.dtype)  # also measured again beside each method: drift cancels
+    engine.materialize(Recipe.from_dict(table["linear"]))  # the resident model at its usual size
+    bandwidth = copy_bandwidth(engine)  # also measured again beside each method: drift cancels
     params = sum(p.numel() for p in engine._model.parameters())
     print(f"# merge_speed: SmolLM2-135M ({params / 1e6:.1f}M params), base + 3 derived copies, {args.dtype}, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# sources loaded once in {load_s:.1f} s ({engine.source_bytes / 1e9:.2f} GB resident)")
-    print(f"# copy bandwidth (read + write of a 256 MB copy_, median): {bandwidth / 1e9:.1f} GB/s at start; "
-          "re-measured beside every method (column 4), the ratio uses that one")
+    print(f"# copy bandwidth (read + write, copy_ of one source's tensors into the resident model, median): "
+          f"{bandwidth / 1e9:.1f} GB/s at start; re-measured beside every method (column 4); the ratio uses that one")
     print()
     print("| method | evomerge (s) | effective GB/s | copy GB/s (same moment) | / copy bandwidth | "
           "mergekit write + load (s) | mergekit / evomerge |")
@@ -174,7 +178,7 @@ def main() -> None:
     for name in selected:
         recipe = Recipe.from_dict(table[name])
         seconds, traffic = time_evomerge(engine, recipe, args.reps)
-        bandwidth = copy_bandwidth(device, engine.dtype, reps=5)  # right beside this method's timing
+        bandwidth = copy_bandwidth(engine)  # right beside this method's timing
         effective = traffic / seconds
         row = f"| {name} | {seconds:.3f} | {effective / 1e9:.1f} | {bandwidth / 1e9:.1f} | {effective / bandwidth:.2f} |"
         if args.no_mergekit:

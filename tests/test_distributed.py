@@ -105,3 +105,27 @@ def test_workers_flag_runs_local_workers_and_writes_results(tiny_family, tmp_pat
     # `evomerge report` rebuilds the results folder from the database alone.
     assert main(["report", "--storage", postgres_url, "--study-name", name, "--results", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / name / "best.yaml").exists()
+
+
+_OPEN_TOGETHER = """
+import sys, time
+from evomerge.search.storage import open_storage
+import optuna
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+storage = open_storage(sys.argv[1])
+optuna.create_study(study_name="race", storage=storage, load_if_exists=True)
+print("ok")
+"""
+
+
+def test_workers_starting_together_on_a_new_database_all_open_it(tmp_path):
+    """Workers started at one instant race to create the tables of a new study database; every
+    one of them must end up on the same study, none with 'table already exists'."""
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    start = time.time() + 3.0  # after the imports, so the creations really coincide
+    processes = [subprocess.Popen([sys.executable, "-c", _OPEN_TOGETHER, url, str(start)], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(8)]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), "\n".join(outputs)
+    assert len(optuna.get_all_study_names(url)) == 1

@@ -302,7 +302,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path
     process = _search_process(space_file, tmp_path / "first.log")
     _wait_for(db, complete=2)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 130
+    assert process.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
     summary = json.loads((tmp_path / "results" / "tiny" / "summary.json").read_text())
     assert summary["this_run"]["interrupted"] is True
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
@@ -311,6 +311,51 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path
     assert _search_process(space_file, tmp_path / "second.log").wait(timeout=600) == 0
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+
+
+def test_ctrl_c_waits_for_a_database_write_then_stops(tiny_family, tmp_path, monkeypatch):
+    """A Ctrl-C that arrives inside a database write (here: while trial 2 stores its recipe) does
+    not tear the write; it stops the trial right after, which is then marked interrupted."""
+    from optuna.storages import RDBStorage
+
+    original = RDBStorage.set_trial_user_attr
+
+    def set_trial_user_attr(self, trial_id, key, value):
+        if key == "recipe" and self.get_trial_number_from_id(trial_id) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered before the write below, in the main thread
+        return original(self, trial_id, key, value)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_user_attr", set_trial_user_attr)
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=5, pruning={"enabled": False}))
+    summary = run_search(space, heldout=False, progress=False)
+    assert summary["this_run"]["interrupted"] is True and summary["trials"]["COMPLETE"] == 2
+    study = optuna.load_study(study_name="tiny", storage=summary["storage"])
+    stopped = study.trials[2]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["interrupted"] is True
+    assert "recipe" in stopped.user_attrs  # the write in flight when Ctrl-C came was finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is ordinary again
+
+
+def test_the_interrupt_gate_defers_outside_and_delivers_inside_interruptible_regions():
+    from evomerge.search.interrupts import InterruptGate
+
+    gate = InterruptGate()
+    with gate.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert gate.pending  # deferred, not raised
+        with pytest.raises(KeyboardInterrupt):
+            gate.checkpoint()
+        with pytest.raises(KeyboardInterrupt):
+            with gate.interruptible():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # interrupted at once
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # one that came while closed stops the next region on entry
+            with gate.interruptible():
+                pytest.fail("entered a region after a deferred Ctrl-C")
+    with pytest.raises(KeyboardInterrupt):  # outside the loop, ordinary behaviour
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
 
 
 def test_a_trial_lost_before_storing_its_parameters_is_retried_as_the_same_candidate(tiny_family, tmp_path):

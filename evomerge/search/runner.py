@@ -28,6 +28,7 @@ from evomerge.errors import EvomergeError, MergeFailure, SpaceError
 from evomerge.evaluation import Evaluator, Scores, TaskRequest
 from evomerge.recipe import Recipe
 from evomerge.search import storage as store
+from evomerge.search.interrupts import InterruptGate
 from evomerge.search.sampler import make_sampler, suggest
 from evomerge.search.space import SearchSpace
 
@@ -113,6 +114,7 @@ class Searcher:
         self.engine: MergeEngine | None = None
         self.evaluator: Evaluator | None = None
         self._recipe_scores: dict[str, tuple[float, dict]] = {}
+        self._gate = InterruptGate()
 
     # ------------------------------------------------------------------ setup
 
@@ -178,7 +180,8 @@ class Searcher:
             trial.set_user_attr("duplicate_of_recipe", key[:12])
             return value
         try:
-            model = self.engine.materialize(recipe, seed=config.seed)
+            with self._gate.interruptible():
+                model = self.engine.materialize(recipe, seed=config.seed)
         except MergeFailure as exc:
             raise CandidateFailed(str(exc)) from exc
         merge_seconds = time.perf_counter() - started
@@ -207,7 +210,8 @@ class Searcher:
 
     def _score(self, model, part: tuple[float, float] | None = None) -> Scores:
         try:
-            scores = self.evaluator.evaluate(model, part=part)
+            with self._gate.interruptible():
+                scores = self.evaluator.evaluate(model, part=part)
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise CandidateFailed("out of GPU memory during evaluation") from exc
@@ -239,25 +243,30 @@ class Searcher:
                    unit="trial", disable=not self.progress)
         self._update_bar(bar, study)
         try:
-            while timeout is None or time.monotonic() - start < timeout:
-                store.recover_dead_trials(study)  # a peer that died mid-trial: fail and re-queue its trial
-                trial = store.admit(study, lock, n_trials)
-                if trial is None:
-                    store.recover_dead_trials(study)
-                    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-                        break
-                    time.sleep(2)  # others still run trials that may fail and come back
-                    continue
-                state, error = self._run_trial(study, trial)
-                outcome.trials_run += 1
-                errors = errors + 1 if error else 0
-                if errors >= MAX_CONSECUTIVE_ERRORS:
-                    raise EvomergeError(f"{errors} trials in a row failed with an unexpected error; last: {error}")
-                bar.update(1 if state in (TrialState.COMPLETE, TrialState.PRUNED) else 0)
-                self._update_bar(bar, study)
+            with self._gate.deferred():
+                while timeout is None or time.monotonic() - start < timeout:
+                    self._gate.checkpoint()
+                    store.recover_dead_trials(study)  # a peer that died mid-trial: fail and re-queue its trial
+                    trial = store.admit(study, lock, n_trials)
+                    if trial is None:
+                        store.recover_dead_trials(study)
+                        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                            break
+                        with self._gate.interruptible():
+                            time.sleep(2)  # others still run trials that may fail and come back
+                        continue
+                    state, error = self._run_trial(study, trial)
+                    outcome.trials_run += 1
+                    errors = errors + 1 if error else 0
+                    if errors >= MAX_CONSECUTIVE_ERRORS:
+                        raise EvomergeError(f"{errors} trials in a row failed with an unexpected error; last: {error}")
+                    bar.update(1 if state in (TrialState.COMPLETE, TrialState.PRUNED) else 0)
+                    self._update_bar(bar, study)
+                self._gate.checkpoint()  # a Ctrl-C during the last write still stops before held-out
         except KeyboardInterrupt:
             outcome.interrupted = True
-            log.warning("interrupted: the running trial is marked interrupted; rerun the same command to resume")
+            log.warning("interrupted: stopped cleanly (a running trial is marked interrupted); "
+                        "rerun the same command to resume")
         finally:
             bar.close()
         outcome.seconds = time.monotonic() - start

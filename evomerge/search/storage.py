@@ -21,6 +21,7 @@ import logging
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +29,14 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.errors import EvomergeError
+
 log = logging.getLogger(__name__)
+# evomerge drives trials with ask/tell and keeps its own heartbeat (see Heartbeat below), which is
+# exactly what these two warnings are about; they would otherwise open every worker's log.
+warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed", category=UserWarning)
+warnings.filterwarnings("ignore", message=r".*(heartbeat_interval|fail_stale_trials).*",
+                        category=optuna.exceptions.ExperimentalWarning)
 
 HEARTBEAT_INTERVAL = 5  # seconds
 GRACE_PERIOD = 30  # seconds without a heartbeat before a remote trial counts as dead
@@ -63,18 +71,39 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
     url = normalize_url(url)
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 60}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        grace_period=GRACE_PERIOD,
-        heartbeat_stale_trial_callback=requeue_once,
-    )
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL,
+                grace_period=GRACE_PERIOD,
+                heartbeat_stale_trial_callback=requeue_once,
+            )
+        except Exception as exc:
+            # Workers that start together on a new database race to create its tables; the
+            # loser sees "already exists" / "duplicate key" and simply opens what the winner made.
+            racing = any(s in str(exc) for s in ("already exists", "duplicate key"))
+            if racing and attempt + 1 < attempts:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise EvomergeError(f"cannot open the study storage {_redacted(url)}: {' '.join(str(exc).split()[:40])}") from exc
+    raise AssertionError("unreachable")
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
 
 
 def recover_dead_trials(study: optuna.Study) -> int:
