@@ -353,6 +353,13 @@ def test_the_interrupt_gate_defers_outside_and_delivers_inside_interruptible_reg
         with pytest.raises(KeyboardInterrupt):  # one that came while closed stops the next region on entry
             with gate.interruptible():
                 pytest.fail("entered a region after a deferred Ctrl-C")
+        with pytest.raises(KeyboardInterrupt):  # one swallowed where it landed (a __del__) still stops
+            with gate.interruptible():
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)
+                except KeyboardInterrupt:
+                    pass
     with pytest.raises(KeyboardInterrupt):  # outside the loop, ordinary behaviour
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)

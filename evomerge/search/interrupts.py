@@ -22,9 +22,9 @@ class InterruptGate:
         self._active = False
 
     def _handler(self, signum, frame) -> None:
+        self.pending = True  # kept even when raised: a __del__ or weakref callback may swallow it
         if self._open:
             raise KeyboardInterrupt
-        self.pending = True
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator["InterruptGate"]:
@@ -41,7 +41,7 @@ class InterruptGate:
             self._open, self._active = True, False
 
     def checkpoint(self) -> None:
-        """Raises the Ctrl-C that arrived while it was deferred."""
+        """Raises a Ctrl-C that arrived while deferred (or was swallowed where it landed)."""
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
@@ -58,3 +58,4 @@ class InterruptGate:
             yield
         finally:
             self._open = was_open
+        self.checkpoint()  # a Ctrl-C swallowed inside the region still stops the loop here
