@@ -10,12 +10,25 @@ from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, in
 from evomerge.methods.task_arithmetic import sign_consensus
 
 
+def _variance(vectors: torch.Tensor) -> torch.Tensor:
+    """Population variance across the models, two passes in float32 or wider. (torch.var over
+    the stacking dimension is a strided reduction, ~15x slower on CPU for a handful of models.)"""
+    work = vectors if vectors.dtype in (torch.float32, torch.float64) else vectors.float()
+    mean = work.sum(dim=0).div_(work.shape[0])
+    total = torch.zeros_like(mean)
+    centred = torch.empty_like(mean)
+    for vector in work:
+        torch.sub(vector, mean, out=centred)
+        total.addcmul_(centred, centred)
+    return total.div_(work.shape[0])
+
+
 def _select_mask(vectors: torch.Tensor, fraction: float) -> torch.Tensor:
     if fraction <= 0:
         return torch.zeros_like(vectors[0])
     if fraction >= 1:
         return torch.ones_like(vectors[0])
-    variance = torch.var(vectors, dim=0, unbiased=False)
+    variance = _variance(vectors)
     k = int(torch.count_nonzero(variance) * fraction)
     return largest_mask(variance.abs().reshape(-1), k).view_as(variance).to(vectors.dtype)
 
