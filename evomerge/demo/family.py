@@ -23,6 +23,7 @@ import logging
 import random
 import sysconfig
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -168,8 +169,10 @@ def train_specialist(base_dir: Path, spec: Specialist, target: Path, *, device: 
     torch.manual_seed(spec.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
-    model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
-                                             target_modules=list(LORA_TARGETS), lora_dropout=0.0))
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to answer
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
+                                                 target_modules=list(LORA_TARGETS), lora_dropout=0.0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
                                   weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4) * (1 - s / spec.steps))
