@@ -37,14 +37,17 @@ def history(study: optuna.Study, path: Path) -> None:
         mine = [t for t in trials if t.user_attrs.get("method", "?") == method and t.state == TrialState.COMPLETE]
         if mine:
             ax.scatter([t.number for t in mine], [_score(t) for t in mine], s=18, color=colours(i % 10), label=method)
-    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    # Pruned trials were scored on the first rung's items only, a different scale from the full
+    # score: marked along the bottom edge (like failed ones), not plotted as if comparable.
+    edge = ax.get_xaxis_transform()  # x in trials, y in axes fraction
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
     if pruned:
-        ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
-                   s=18, marker="x", color="grey", label="pruned (first rung)")
+        ax.scatter([t.number for t in pruned], [0.03] * len(pruned), transform=edge, s=18, marker="x",
+                   color="grey", label="pruned after the first rung", clip_on=False)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
-        low = ax.get_ylim()[0] if ax.has_data() else 0.0
-        ax.scatter([t.number for t in failed], [low] * len(failed), s=18, marker="v", color="red", label="failed")
+        ax.scatter([t.number for t in failed], [0.03] * len(failed), transform=edge, s=18, marker="v",
+                   color="red", label="failed", clip_on=False)
     best, line = -math.inf, []
     for t in sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number):
         best = max(best, _score(t))
