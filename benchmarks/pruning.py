@@ -30,6 +30,7 @@ def run(searcher: Searcher, space: SearchSpace, seed: int, trials: int, pruning:
     study = optuna.create_study(direction="maximize", sampler=MethodwiseCmaEs(space, seed=seed),
                                 pruner=pruner or optuna.pruners.NopPruner())
     searcher.space.config.pruning.enabled = pruning
+    searcher._recipe_scores.clear()  # one seed proposes the same recipes in both runs: score them again
     start = time.perf_counter()
     for _ in range(trials):
         trial = study.ask()
