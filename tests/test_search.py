@@ -313,7 +313,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
 
 
-def test_ctrl_c_waits_for_a_database_write_then_stops(tiny_family, tmp_path, monkeypatch):
+def test_ctrl_c_waits_for_a_database_write_then_stops(tiny_family, tmp_path, monkeypatch, ordinary_ctrl_c):
     """A Ctrl-C that arrives inside a database write (here: while trial 2 stores its recipe) does
     not tear the write; it stops the trial right after, which is then marked interrupted."""
     from optuna.storages import RDBStorage
@@ -336,7 +336,15 @@ def test_ctrl_c_waits_for_a_database_write_then_stops(tiny_family, tmp_path, mon
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is ordinary again
 
 
-def test_the_interrupt_gate_defers_outside_and_delivers_inside_interruptible_regions():
+@pytest.fixture
+def ordinary_ctrl_c():
+    """SIGINT as in an interactive shell (a background job, e.g. under CI, inherits it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_the_interrupt_gate_defers_outside_and_delivers_inside_interruptible_regions(ordinary_ctrl_c):
     from evomerge.search.interrupts import InterruptGate
 
     gate = InterruptGate()

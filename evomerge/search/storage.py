@@ -87,8 +87,8 @@ def open_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
             )
         except Exception as exc:
             # Workers that start together on a new database race to create its tables; the
-            # loser sees "already exists" / "duplicate key" and simply opens what the winner made.
-            racing = any(s in str(exc) for s in ("already exists", "duplicate key"))
+            # loser sees "already exists" / a unique-constraint error and simply opens what the winner made.
+            racing = any(s in str(exc).lower() for s in ("already exists", "duplicate key", "unique constraint"))
             if racing and attempt + 1 < attempts:
                 time.sleep(0.2 * (attempt + 1))
                 continue
