@@ -306,8 +306,11 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path
     summary = json.loads((tmp_path / "results" / "tiny" / "summary.json").read_text())
     assert summary["this_run"]["interrupted"] is True
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    # The running trial is marked interrupted; a Ctrl-C that came during a database write lets that
+    # write (and so that trial) finish first. Either way nothing is left RUNNING.
     interrupted = study.get_trials(states=(TrialState.FAIL,))
-    assert len(interrupted) == 1 and interrupted[0].user_attrs["interrupted"] is True
+    assert len(interrupted) <= 1 and all(t.user_attrs["interrupted"] is True for t in interrupted)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
     assert _search_process(space_file, tmp_path / "second.log").wait(timeout=600) == 0
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
