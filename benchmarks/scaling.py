@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from evomerge.demo.tiny import build_tiny_family  # noqa: E402
 from evomerge.log import setup_logging  # noqa: E402
 from evomerge.search import storage as store  # noqa: E402
+from evomerge.search import worker_environment  # noqa: E402
 from evomerge.search.sampler import MethodwiseCmaEs, suggest  # noqa: E402
 from evomerge.search.space import SearchSpace  # noqa: E402
 
@@ -67,12 +68,13 @@ def throughput(space_file: Path, url: str, workers: int, trials: int) -> float:
     """Steady-state trials per minute: from the first trial's start to the last trial's end, as the
     database records them (process start-up and model loading excluded)."""
     name = f"throughput-{workers}-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
     command = [sys.executable, "-m", "evomerge", "search", str(space_file), "--worker", "-q", "--storage", url,
                "--study-name", name, "--n-trials", str(trials)]
-    processes = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for _ in range(workers)]
+    processes = []
+    for index in range(workers):  # the environment `--workers` gives its workers (cores split on CPUs)
+        env = {**worker_environment(index, workers, gpus=0), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
     for process in processes:
         process.wait()
     done = [t for t in optuna.load_study(study_name=name, storage=url).get_trials()

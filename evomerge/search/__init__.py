@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from evomerge.search.space import HeldoutEntry, SearchSpace
 log = logging.getLogger(__name__)
 
 __all__ = ["SearchSpace", "Searcher", "run_search", "run_workers", "run_worker", "dry_run", "evaluate_heldout",
-           "write_report"]
+           "write_report", "worker_environment"]
 
 
 def heldout_entries(space: SearchSpace) -> list[HeldoutEntry]:
@@ -82,13 +83,23 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
                          extra=extra)
 
 
+def worker_environment(index: int, workers: int, gpus: int) -> dict[str, str]:
+    """The environment of local worker `index` of `workers`: one GPU each when there are several;
+    on CPUs a share of the cores instead of each worker claiming all of them."""
+    env = dict(os.environ)
+    if gpus > 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    elif gpus == 0:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    return env
+
+
 def run_workers(space: SearchSpace, space_file: str, workers: int, *, storage: str | None = None,
                 study_name: str | None = None, n_trials: int | None = None, timeout: float | None = None,
                 device: str | None = None, results_root: str | Path | None = None, heldout: bool = True,
                 progress: bool = True) -> dict[str, Any]:
     """`--workers N`: N local worker processes on one study (one per GPU when there are several),
     then the held-out evaluation and the results folder, written by this process."""
-    import os
     import subprocess
     import sys
     import time
@@ -111,14 +122,7 @@ def run_workers(space: SearchSpace, space_file: str, workers: int, *, storage: s
     for flag, value in (("--n-trials", n_trials), ("--timeout", timeout), ("--device", device)):
         if value is not None:
             command += [flag, str(value)]
-    processes = []
-    for index in range(workers):
-        env = dict(os.environ)
-        if gpus > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-        elif gpus == 0:  # CPU workers share the cores instead of each claiming all of them
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-        processes.append(subprocess.Popen(command, env=env))
+    processes = [subprocess.Popen(command, env=worker_environment(index, workers, gpus)) for index in range(workers)]
     log.info("started %d workers on study '%s' (%s)", workers, searcher.study_name, searcher.storage_url)
     budget = n_trials or space.config.n_trials
     started = time.monotonic()
