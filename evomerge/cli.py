@@ -11,6 +11,7 @@ import sys
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
+from evomerge.evaluation import METRICS
 
 log = logging.getLogger("evomerge")
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a model on GSM8K / MMLU / HumanEval subsets (offline, through lm-eval)")
     ev.add_argument("model", help="model directory, .gguf file or cached Hugging Face id")
     ev.add_argument("--tasks", default="gsm8k,mmlu,humaneval", help="comma list; task:metric overrides --metric")
-    ev.add_argument("--metric", default="accuracy", choices=["accuracy", "gold_loglik"])
+    ev.add_argument("--metric", default="accuracy", choices=METRICS)
     ev.add_argument("--split", default="search", choices=["search", "heldout"])
     ev.add_argument("--limit", type=int, default=None, help="items per task (default: the whole split)")
     ev.add_argument("--num-fewshot", type=int, default=0)

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.device import DTYPES
 from evomerge.errors import RecipeError
 from evomerge.methods import registry
 
 Scalar = Union[bool, int, float, str]
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 
 
 # --------------------------------------------------------------------------- settings
@@ -189,8 +189,8 @@ class Recipe(_Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and value.removeprefix("torch.") not in DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {value!r}; choose from {', '.join(DTYPE_NAMES)}")
+        if value is not None and value.removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; choose from {', '.join(DTYPES)}")
         return value
 
     @model_validator(mode="after")

@@ -34,7 +34,7 @@ def _running_on(study, pid: int):
 
 def test_three_workers_one_killed_exact_budget(tiny_family, tmp_path, postgres_url):
     from evomerge.search import SearchSpace
-    from evomerge.search.runner import Searcher, combined_score
+    from evomerge.search.runner import Searcher
 
     n_trials = 12
     space = _space(tiny_family, tmp_path, n_trials=n_trials, pruning={"enabled": False},
@@ -59,8 +59,8 @@ def test_three_workers_one_killed_exact_budget(tiny_family, tmp_path, postgres_u
         time.sleep(0.2)
     assert killed_trial is not None, "worker 1 never ran a trial"
     victim.wait()
-    for worker in (workers[0], workers[2]):
-        assert worker.wait(timeout=600) == 0, (tmp_path / "w0.log").read_text()[-2000:]
+    for index in (0, 2):
+        assert workers[index].wait(timeout=600) == 0, (tmp_path / f"w{index}.log").read_text()[-2000:]
 
     study = optuna.load_study(study_name=name, storage=postgres_url)
     trials = study.get_trials()
@@ -87,7 +87,7 @@ def test_three_workers_one_killed_exact_budget(tiny_family, tmp_path, postgres_u
     searcher.load()
     model = searcher.engine.materialize(Recipe.from_yaml(best.user_attrs["recipe"]), seed=best.user_attrs["seed"])
     scores = searcher.evaluator.evaluate(model).scores
-    assert combined_score(searcher.space, scores) == pytest.approx(best.value, abs=1e-6)
+    assert searcher.space.objective(scores) == pytest.approx(best.value, abs=1e-6)
 
 
 def test_workers_flag_runs_local_workers_and_writes_results(tiny_family, tmp_path, postgres_url):

@@ -218,12 +218,13 @@ class Family:
         return self.members["base"]
 
 
-def family_dir(recipe: FamilyRecipe) -> Path:
+def family_dir() -> Path:
+    """Where the demo family lives in the user cache (members are keyed by their recipe's digest)."""
     return cache_dir() / "demo-family"
 
 
 def member_dir(spec: Specialist, recipe: FamilyRecipe, root: Path | None = None) -> Path:
-    return (Path(root) if root else family_dir(recipe)) / f"{spec.name}-{member_digest(spec, recipe)}"
+    return (Path(root) if root else family_dir()) / f"{spec.name}-{member_digest(spec, recipe)}"
 
 
 def build_family(output: Path | None = None, *, recipe: FamilyRecipe = FamilyRecipe(), device: str = "auto",
@@ -231,7 +232,7 @@ def build_family(output: Path | None = None, *, recipe: FamilyRecipe = FamilyRec
     """Builds (or reuses) the family; returns its member paths and manifest."""
     from filelock import FileLock
 
-    root = Path(output) if output else family_dir(recipe)
+    root = Path(output) if output else family_dir()
     root.mkdir(parents=True, exist_ok=True)
     # One builder at a time (several search workers may start together); the others wait, then reuse.
     with FileLock(str(root / ".build.lock")):
@@ -240,7 +241,7 @@ def build_family(output: Path | None = None, *, recipe: FamilyRecipe = FamilyRec
 
 def _build(root: Path, recipe: FamilyRecipe, device: str, progress: bool, base_dir: Path | None) -> Family:
     from evomerge.demo.smollm2 import ensure_base, gguf_path
-    from evomerge.engine.device import resolve_device
+    from evomerge.device import resolve_device
 
     manifest_path = root / f"manifest-{recipe.digest()}.json"
     torch_device = resolve_device(device)
@@ -282,8 +283,8 @@ SCORE_REQUESTS = (("gsm8k", "gold_loglik", 32), ("humaneval", "gold_loglik", 32)
 
 
 def score_family(family: Family, *, split: str = "search", seed: int = 0, device: str = "auto",
-                 requests=SCORE_REQUESTS, per_item: bool = False) -> dict[str, dict[str, float]]:
-    """{member: {"task/metric": score}} on one split; with per_item, also the per-item values."""
+                 requests=SCORE_REQUESTS) -> dict[str, dict[str, float]]:
+    """{member: {"task/metric": score}} on one split."""
     from evomerge.evaluation import Evaluator, TaskRequest, load_model
 
     table: dict[str, dict[str, float]] = {}

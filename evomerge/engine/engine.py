@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from evomerge.engine.checkpoint import SourceModel, locate
-from evomerge.engine.device import available_bytes, compute_dtype, dtype_name, parse_dtype, resolve_device
+from evomerge.checkpoint import SourceModel, locate
+from evomerge.device import available_bytes, dtype_name, parse_dtype, resolve_device
 from evomerge.engine.plan import Job, Layout, Plan, plan_recipe
-from evomerge.errors import ArchitectureMismatch, CheckpointError, MergeFailure, RecipeError
-from evomerge.methods.kernels import Workspace, weighted_sum
+from evomerge.errors import ArchitectureMismatch, MergeFailure, RecipeError
+from evomerge.methods.kernels import Workspace, accumulation_dtype, weighted_sum
 from evomerge.methods.registry import Inputs
 from evomerge.recipe import Recipe
 
@@ -84,10 +84,11 @@ class MergeEngine:
         reference = self.sources[self.reference]
         self.dtype = parse_dtype(dtype) or reference.stored_dtype()
         self.out_dtype = parse_dtype(out_dtype, field="out_dtype") or self.dtype
-        self.compute_dtype = compute_dtype(self.dtype)
+        # Merge arithmetic runs in float32 (float64 stays float64): half precision loses the small deltas.
+        self.compute_dtype = accumulation_dtype(self.dtype)
         self.delta_cache_mode = delta_cache
 
-        self.model_layers = {ref: self._num_layers(src) for ref, src in self.sources.items()}
+        self.model_layers = {ref: src.num_layers for ref, src in self.sources.items()}
         self._check_architectures()
         skeleton = self._build_model(self.model_layers[self.reference])
         self.layout = Layout.of(skeleton, self.model_layers[self.reference])
@@ -100,12 +101,6 @@ class MergeEngine:
         self.last_stats = MergeStats()
 
     # ------------------------------------------------------------------ setup
-
-    def _num_layers(self, source: SourceModel) -> int:
-        layers = getattr(source.config, "num_hidden_layers", None)
-        if not isinstance(layers, int):
-            raise CheckpointError(f"model '{source.ref}': config has no num_hidden_layers")
-        return layers
 
     def _check_architectures(self) -> None:
         ref_cfg = self.sources[self.reference].config
@@ -256,9 +251,9 @@ class MergeEngine:
             target = params[job.name]
             try:
                 self._run(plan, job, target.data, seed, stats)
-            except (MergeFailure, RecipeError):
-                raise
-            except Exception as exc:  # a method's ValueError, an out-of-memory: this candidate fails
+            except Exception as exc:
+                if not _candidate_error(exc):
+                    raise  # a bug: it stops the search with its traceback instead of failing one candidate
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 reason = "out of memory" if _is_oom(exc) else " ".join(str(exc).split())
@@ -351,6 +346,13 @@ class MergeEngine:
         self._model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _candidate_error(exc: BaseException) -> bool:
+    """What a valid recipe can still raise for some parameter values: a method's ValueError (DELLA's
+    density ± epsilon, multislerp's cancelling weights), arithmetic and linear-algebra failures, and
+    running out of memory. Anything else is a bug."""
+    return isinstance(exc, (ValueError, ArithmeticError, MemoryError, torch.linalg.LinAlgError)) or _is_oom(exc)
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from evomerge import __version__
-from evomerge.engine.checkpoint import TOKENIZER_FILES, SourceModel
+from evomerge.checkpoint import TOKENIZER_FILES, SourceModel
 from evomerge.errors import CheckpointError, RecipeError
 from evomerge.recipe import Recipe
 

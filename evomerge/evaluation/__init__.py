@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from evomerge.evaluation.harness import Evaluator, Scores, TaskRequest
+from evomerge.evaluation.data import TASKS
+from evomerge.evaluation.harness import METRICS, Evaluator, Scores, TaskRequest
 
-__all__ = ["Evaluator", "Scores", "TaskRequest", "load_model"]
+__all__ = ["METRICS", "TASKS", "Evaluator", "Scores", "TaskRequest", "load_model"]
 
 
 def load_model(ref: str, *, device: str = "auto", dtype: str | None = None):
     """(model, tokenizer) from a recipe-style reference: directory, .gguf file or cached hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.engine.checkpoint import locate
-    from evomerge.engine.device import parse_dtype, resolve_device
+    from evomerge.checkpoint import locate
+    from evomerge.device import parse_dtype, resolve_device
 
     source = locate(ref)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}

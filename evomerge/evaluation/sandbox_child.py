@@ -165,9 +165,10 @@ def main():
     leave_network()
     drop_root(workdir)
     landlock(workdir)
-    with open(os.path.join(workdir, "layers.txt"), "w") as handle:
-        handle.write(" ".join(layers + ["audit"]))
     audit_guard(workdir)
+    # Written once every layer is in place: the report lists what holds, not what was intended.
+    with open(os.path.join(workdir, "layers.txt"), "w") as handle:
+        handle.write(" ".join(layers))
     sys.setrecursionlimit(limits.get("recursion", 3000))
     with open(os.path.join(workdir, "program.py"), encoding="utf-8") as handle:
         source = handle.read()

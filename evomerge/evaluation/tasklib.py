@@ -136,6 +136,3 @@ def pass_at_1(items: list[tuple[str, str]]) -> float:
 def humaneval_gold(doc: dict, results: list) -> dict[str, float]:
     return gold_loglik(doc, results, "canonical_solution")
 
-
-def mean(items: list[float]) -> float:
-    return sum(items) / max(1, len(items))

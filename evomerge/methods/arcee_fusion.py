@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from evomerge.methods.kernels import kth_smallest
-from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, register
+from evomerge.methods.registry import BasePolicy, Inputs, define
 
 # Quantiles of larger tensors are estimated from this many samples (with replacement).
 QUANTILE_SAMPLES = 1_000_000
@@ -30,6 +30,8 @@ def importance(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (tensor - base).abs() * kl
 
 
+# random: only for tensors above QUANTILE_SAMPLES elements
+@define(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, reference="https://arcee.ai")
 def arcee_fusion(inputs: Inputs, *, generator: torch.Generator | None = None) -> torch.Tensor:
     base = inputs.base
     (other,) = inputs.others
@@ -38,15 +40,3 @@ def arcee_fusion(inputs: Inputs, *, generator: torch.Generator | None = None) ->
     mask = (scores >= median + 1.5 * (q3 - q1)).to(base.dtype)
     return base + (other - base) * mask
 
-
-register(
-    MergeMethod(
-        name="arcee_fusion",
-        fn=arcee_fusion,
-        base=BasePolicy.REQUIRED,
-        min_inputs=2,
-        max_inputs=2,
-        random=True,  # only for tensors above QUANTILE_SAMPLES elements
-        reference="https://arcee.ai",
-    )
-)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from evomerge.methods.kernels import weighted_sum
-from evomerge.methods.registry import Inputs, MergeMethod, Param, Scope, register
+from evomerge.methods.registry import Inputs, PerInput, Search, define
 
 
 def linear_coefficients(n_inputs: int, base_index: int | None, *, weight, normalize: bool = True) -> list[float]:
@@ -17,22 +19,12 @@ def linear_coefficients(n_inputs: int, base_index: int | None, *, weight, normal
     return weights
 
 
-def linear(inputs: Inputs, *, weight, normalize: bool = True) -> torch.Tensor:
+@define(coefficients=linear_coefficients, reference="https://arxiv.org/abs/2203.05482")
+def linear(
+    inputs: Inputs, *, weight: Annotated[PerInput, Search(0.0, 1.0, per_layer=True)], normalize: bool = True
+) -> torch.Tensor:
     if not inputs.tensors[0].is_floating_point():
         raise TypeError("linear merging needs floating-point tensors")
     coefficients = linear_coefficients(len(inputs.tensors), inputs.base_index, weight=weight, normalize=normalize)
     return weighted_sum(inputs.tensors, coefficients)
 
-
-register(
-    MergeMethod(
-        name="linear",
-        fn=linear,
-        params=(
-            Param("weight", float, Scope.INPUT),
-            Param("normalize", bool, default=True),
-        ),
-        coefficients=linear_coefficients,
-        reference="https://arxiv.org/abs/2203.05482",
-    )
-)

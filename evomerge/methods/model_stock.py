@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.methods.kernels import weighted_sum
-from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, register
+from evomerge.methods.registry import BasePolicy, Inputs, define
 
 
 def _interpolation_ratio(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
@@ -30,6 +30,7 @@ def _mean_pairwise_cosine(vectors, dim: int | None) -> torch.Tensor:
     return torch.stack(cosines).mean(dim=0)
 
 
+@define(base=BasePolicy.REQUIRED, min_inputs=3, reference="https://arxiv.org/abs/2403.19522")
 def model_stock(inputs: Inputs, *, filter_wise: bool = False) -> torch.Tensor:
     base = inputs.base
     others = inputs.others
@@ -49,14 +50,3 @@ def model_stock(inputs: Inputs, *, filter_wise: bool = False) -> torch.Tensor:
     average = sum(others) / count
     return (t * average + (1 - t) * base).reshape(shape)
 
-
-register(
-    MergeMethod(
-        name="model_stock",
-        fn=model_stock,
-        params=(Param("filter_wise", bool, default=False),),
-        base=BasePolicy.REQUIRED,
-        min_inputs=3,
-        reference="https://arxiv.org/abs/2403.19522",
-    )
-)

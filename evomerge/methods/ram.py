@@ -4,9 +4,14 @@ model's unique entries by how much it overlaps with the others (tensor-local RAM
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, register
+from evomerge.methods.registry import BasePolicy, Inputs, Search, define
+
+# The threshold below which a change counts as none: searched on a log scale around mergekit's default.
+Epsilon = Annotated[float, Search(1e-6, 1e-3, log=True)]
 
 
 def _contributions(inputs: Inputs, epsilon: float):
@@ -16,7 +21,8 @@ def _contributions(inputs: Inputs, epsilon: float):
     return vectors * changed, changed, counts, counts > 1, counts == 1
 
 
-def ram(inputs: Inputs, *, epsilon: float = 1e-5) -> torch.Tensor:
+@define(base=BasePolicy.REQUIRED, reference="https://arxiv.org/abs/2601.13572")
+def ram(inputs: Inputs, *, epsilon: Epsilon = 1e-5) -> torch.Tensor:
     base = inputs.base
     if not inputs.others:
         return base
@@ -25,7 +31,14 @@ def ram(inputs: Inputs, *, epsilon: float = 1e-5) -> torch.Tensor:
     return base + merged.view_as(base)
 
 
-def ramplus_tl(inputs: Inputs, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+@define(base=BasePolicy.REQUIRED, reference="https://arxiv.org/abs/2601.13572")
+def ramplus_tl(
+    inputs: Inputs,
+    *,
+    r: Annotated[float, Search(0.0, 0.5)] = 0.1,
+    alpha: Annotated[float, Search(0.0, 0.5)] = 0.2,
+    epsilon: Epsilon = 1e-5,
+) -> torch.Tensor:
     base = inputs.base
     if not inputs.others:
         return base
@@ -35,26 +48,3 @@ def ramplus_tl(inputs: Inputs, *, r: float = 0.1, alpha: float = 0.2, epsilon: f
     merged = (vectors * unique * boost.unsqueeze(-1) + vectors * shared / counts.clamp(min=1)).sum(dim=0)
     return base + merged.view_as(base)
 
-
-register(
-    MergeMethod(
-        name="ram",
-        fn=ram,
-        params=(Param("epsilon", float, default=1e-5),),
-        base=BasePolicy.REQUIRED,
-        reference="https://arxiv.org/abs/2601.13572",
-    )
-)
-register(
-    MergeMethod(
-        name="ramplus_tl",
-        fn=ramplus_tl,
-        params=(
-            Param("r", float, default=0.1),
-            Param("alpha", float, default=0.2),
-            Param("epsilon", float, default=1e-5),
-        ),
-        base=BasePolicy.REQUIRED,
-        reference="https://arxiv.org/abs/2601.13572",
-    )
-)

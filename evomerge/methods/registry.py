@@ -4,13 +4,23 @@ A method receives the tensors of one output weight (an `Inputs` bundle) and its
 resolved parameters, and returns the merged tensor. It does no I/O and knows nothing
 about recipes, models or the search; the engine resolves parameters and places tensors.
 Semantics and defaults follow mergekit 0.1.5 so a recipe means the same in both tools.
+
+Everything known about a parameter is declared once, on the function's signature (as mergekit's
+`easy_define` does): its type and default, and in `Annotated` metadata its scope (`Scope`), its
+bounds (`InRange`) and how the search explores it (`Search`). `define` derives the `Param`s from
+that signature and registers the method; the search only ever asks the registry.
+
+    @define(base=BasePolicy.REQUIRED)
+    def nearswap(inputs: Inputs, *, t: Annotated[float, Search(1e-4, 1e-1, log=True)]) -> torch.Tensor:
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+import inspect
+import typing
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -33,6 +43,43 @@ REQUIRED = object()  # marks a parameter without default
 
 
 @dataclass(frozen=True)
+class InRange:
+    """A parameter's valid values; called with a value, returns why it is out of range, or None."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __call__(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        too_low = value <= self.low if self.low_open else value < self.low
+        too_high = value >= self.high if self.high_open else value > self.high
+        if too_low or too_high:
+            return f"must be in {self}, got {value:g}"
+        return None
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> InRange:
+    return InRange(low, high, low_open, high_open)
+
+
+@dataclass(frozen=True)
+class Search:
+    """How the search explores a parameter: its default range (`log` for a log scale) and whether it
+    gets a schedule of control points over the layers (`per_layer`) or one global value."""
+
+    low: float
+    high: float
+    log: bool = False
+    per_layer: bool = False
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     type: type  # float, int or bool; `None` allowed when default is None
@@ -40,6 +87,8 @@ class Param:
     default: Any = REQUIRED
     # Returns an error message for an out-of-range value, or None when fine.
     check: Callable[[Any], str | None] | None = None
+    search: Search | None = None  # None: never searched, the recipe's value or the default is used
+    arg: str = ""  # the function's argument name when it differs (`lambda` is passed as `lambda_`)
 
     @property
     def required(self) -> bool:
@@ -112,6 +161,8 @@ class Inputs:
 
 MergeFn = Callable[..., torch.Tensor]
 CoefficientsFn = Callable[..., "list[float] | None"]
+# One model's searched settings -> settings inside the method's valid region (see MergeMethod.constrain).
+ConstrainFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -129,6 +180,9 @@ class MergeMethod:
     # parameters, returns its coefficients (one per input, recipe order): the engine then
     # runs one fused pass instead of the general function. Same result, less traffic.
     coefficients: CoefficientsFn | None = None
+    # Cross-parameter constraints for the search: maps the settings proposed for one model
+    # ({param: scalar, gradient or filter list}) into the method's valid region.
+    constrain: ConstrainFn | None = None
     reference: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -138,6 +192,16 @@ class MergeMethod:
     @property
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
+
+    @property
+    def searched(self) -> tuple[Param, ...]:
+        """The parameters a search explores, in declaration order."""
+        return tuple(p for p in self.params if p.search is not None)
+
+    @property
+    def copies_one_input(self) -> bool:
+        """A method that takes one input (passthrough): searched by stacking layer slices."""
+        return self.max_inputs == 1
 
     def check_inputs(self, n_inputs: int, has_base: bool, where: str) -> str | None:
         """Returns why this many inputs cannot be merged, or None."""
@@ -156,9 +220,10 @@ class MergeMethod:
         return None
 
     def __call__(self, inputs: Inputs, generator: torch.Generator | None = None, **params: Any) -> torch.Tensor:
+        arguments = {p.arg or p.name: params.pop(p.name) for p in self.params if p.arg and p.name in params}
         if self.random:
-            params["generator"] = generator
-        return self.fn(inputs, **self.options, **params)
+            arguments["generator"] = generator
+        return self.fn(inputs, **self.options, **params, **arguments)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -172,7 +237,6 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 def get(name: str) -> MergeMethod:
-    _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -180,39 +244,77 @@ def get(name: str) -> MergeMethod:
 
 
 def names() -> list[str]:
-    _load_all()
     return sorted(_REGISTRY)
 
 
-def _load_all() -> None:
-    # One module per family; importing registers them.
-    from evomerge.methods import (  # noqa: F401
-        arcee_fusion,
-        linear,
-        model_stock,
-        nearswap,
-        passthrough,
-        ram,
-        sce,
-        spherical,
-        task_arithmetic,
-    )
+# --------------------------------------------------------------------------- definition
 
 
-def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if value is None:
-            return None
-        too_low = value <= low if low_open else value < low
-        too_high = value >= high if high_open else value > high
-        if too_low or too_high:
-            lo = "(" if low_open else "["
-            hi = ")" if high_open else "]"
-            return f"must be in {lo}{low:g}, {high:g}{hi}, got {value:g}"
-        return None
+def params_of(fn: MergeFn, *, skip: Sequence[str] = ()) -> tuple[Param, ...]:
+    """The `Param`s a function declares: its keyword-only arguments, with their defaults and the
+    `Scope`, `InRange` and `Search` found in their `Annotated` metadata. A per-model parameter is
+    annotated as a sequence of its element type; a trailing underscore is dropped from the name
+    (`lambda_` is the recipe's `lambda`)."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = []
+    for arg in inspect.signature(fn).parameters.values():
+        if arg.kind is not arg.KEYWORD_ONLY or arg.name in ("generator", *skip):
+            continue
+        hint, metadata = hints[arg.name], ()
+        if typing.get_origin(hint) is Annotated:
+            hint, *metadata = typing.get_args(hint)
+        scope = next((m for m in metadata if isinstance(m, Scope)), Scope.SHARED)
+        kind = _scalar_type(hint, scope, f"{fn.__name__}({arg.name})")
+        name = arg.name.rstrip("_")
+        params.append(Param(
+            name, kind, scope,
+            default=REQUIRED if arg.default is arg.empty else arg.default,
+            check=next((m for m in metadata if isinstance(m, InRange)), None),
+            search=next((m for m in metadata if isinstance(m, Search)), None),
+            arg=arg.name if name != arg.name else "",
+        ))
+    return tuple(params)
 
-    return check
+
+def _scalar_type(hint: Any, scope: Scope, where: str) -> type:
+    if scope is not Scope.SHARED:  # Sequence[float] -> float
+        (hint,) = typing.get_args(hint) or (None,)
+    options = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]  # float | None -> float
+    if len(options) != 1 or options[0] not in (bool, int, float):
+        raise TypeError(f"{where}: a merge parameter is a bool, int or float (or a sequence of one), got {hint!r}")
+    return options[0]
 
 
-def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(tuple(tensors), dim=0)
+def define(
+    fn: MergeFn | None = None,
+    *,
+    name: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    skip: Sequence[str] = (),
+    unsearched: Sequence[str] = (),
+    **spec: Any,
+):
+    """Registers `fn` as merge method `name` (default: the function's name) with the parameters its
+    signature declares. A family of methods sharing one function gives each member its own
+    `defaults`, leaves out arguments with `skip` (and the `options` it binds), and `unsearched`
+    names parameters the member accepts but a search should not explore.
+    Usable as `@define(...)` or `define(fn, ...)`."""
+
+    def decorate(function: MergeFn) -> MergeFn:
+        skipped = (*skip, *spec.get("options", {}))
+        params = tuple(
+            replace(p, default=(defaults or {}).get(p.name, p.default),
+                    search=None if p.name in unsearched else p.search)
+            for p in params_of(function, skip=skipped)
+        )
+        random = "generator" in inspect.signature(function).parameters
+        register(MergeMethod(name=name or function.__name__, fn=function, params=params,
+                             random=spec.pop("random", random), **spec))
+        return function
+
+    return decorate(fn) if fn is not None else decorate
+
+
+# Per-model parameters, as annotations: one value per input (the base included) or per non-base input.
+PerInput = Annotated[Sequence[float], Scope.INPUT]
+PerModel = Annotated[Sequence[float], Scope.NON_BASE]

@@ -3,10 +3,12 @@ per-model weights from task-vector energy, Erase minority signs, then average.""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from evomerge.methods.kernels import accumulation_dtype, largest_mask
-from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, in_range, register
+from evomerge.methods.registry import BasePolicy, Inputs, Search, define, in_range
 from evomerge.methods.task_arithmetic import sign_consensus
 
 
@@ -40,7 +42,13 @@ def _energy_weights(vectors: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
-def sce(inputs: Inputs, *, int8_mask: bool = False, select_topk: float = 1.0) -> torch.Tensor:
+@define(base=BasePolicy.REQUIRED, reference="https://arxiv.org/abs/2408.07990")
+def sce(
+    inputs: Inputs,
+    *,
+    int8_mask: bool = False,
+    select_topk: Annotated[float, in_range(0, 1), Search(0.1, 1.0)] = 1.0,
+) -> torch.Tensor:
     base = inputs.base
     if not inputs.others:
         return base
@@ -53,16 +61,3 @@ def sce(inputs: Inputs, *, int8_mask: bool = False, select_topk: float = 1.0) ->
     merged = (vectors * kept_weights).sum(dim=0) / kept_weights.sum(dim=0).clamp(min=1e-6)
     return base + merged
 
-
-register(
-    MergeMethod(
-        name="sce",
-        fn=sce,
-        params=(
-            Param("int8_mask", bool, default=False),
-            Param("select_topk", float, default=1.0, check=in_range(0, 1)),
-        ),
-        base=BasePolicy.REQUIRED,
-        reference="https://arxiv.org/abs/2408.07990",
-    )
-)

@@ -8,11 +8,12 @@ Riemannian mean by fixed-point iteration).
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
 from evomerge.methods.kernels import accumulation_dtype, weighted_sum
-from evomerge.methods.registry import BasePolicy, Inputs, MergeMethod, Param, Scope, register
+from evomerge.methods.registry import BasePolicy, Inputs, PerModel, Search, define
 
 # Cosines closer to ±1 than this fall back to linear interpolation (mergekit's threshold).
 SLERP_DOT_THRESHOLD = 0.9995
@@ -43,7 +44,8 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tenso
     return weighted_sum((v0, v1), slerp_coefficients(t, v0, v1), out=out)
 
 
-def slerp(inputs: Inputs, *, t: float) -> torch.Tensor:
+@define(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, reference="https://en.wikipedia.org/wiki/Slerp")
+def slerp(inputs: Inputs, *, t: Annotated[float, Search(0.0, 1.0, per_layer=True)]) -> torch.Tensor:
     other = inputs.others[0]
     return slerp_tensors(t, inputs.base, other, out=inputs.out)
 
@@ -85,7 +87,14 @@ def _nuslerp_flat_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, eps
     return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
-def nuslerp(inputs: Inputs, *, weight, nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True) -> torch.Tensor:
+@define(base=BasePolicy.OPTIONAL, min_non_base=2, max_non_base=2)
+def nuslerp(
+    inputs: Inputs,
+    *,
+    weight: Annotated[PerModel, Search(0.0, 1.0, per_layer=True)],
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+) -> torch.Tensor:
     total = weight[0] + weight[1]
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
     base = inputs.base
@@ -101,7 +110,14 @@ def nuslerp(inputs: Inputs, *, weight, nuslerp_row_wise: bool = False, nuslerp_f
     return nuslerp_tensors(t, v0, v1, row_wise=nuslerp_row_wise, flatten=False)
 
 
-def multislerp(inputs: Inputs, *, weight, normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+@define(base=BasePolicy.OPTIONAL, min_non_base=1, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea")
+def multislerp(
+    inputs: Inputs,
+    *,
+    weight: Annotated[PerModel, Search(0.0, 1.0, per_layer=True)],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """Barycentric interpolation on the hypersphere: project the unit inputs onto the tangent space
     at their weighted mean direction, average there, map back, rescale by the weighted mean norm.
 
@@ -185,55 +201,8 @@ def karcher_mean(tensors, alphas, *, max_iter: int = 10, tol: float = 1e-5) -> t
     return scale * mean
 
 
+@define(reference="https://arxiv.org/abs/2603.04972")
 def karcher(inputs: Inputs, *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
     n = len(inputs.tensors)
     return karcher_mean(list(inputs.tensors), [1.0 / n] * n, max_iter=max_iter, tol=tol)
 
-
-register(
-    MergeMethod(
-        name="slerp",
-        fn=slerp,
-        params=(Param("t", float),),
-        base=BasePolicy.REQUIRED,
-        min_inputs=2,
-        max_inputs=2,
-        reference="https://en.wikipedia.org/wiki/Slerp",
-    )
-)
-register(
-    MergeMethod(
-        name="nuslerp",
-        fn=nuslerp,
-        params=(
-            Param("weight", float, Scope.NON_BASE),
-            Param("nuslerp_row_wise", bool, default=False),
-            Param("nuslerp_flatten", bool, default=True),
-        ),
-        base=BasePolicy.OPTIONAL,
-        min_non_base=2,
-        max_non_base=2,
-    )
-)
-register(
-    MergeMethod(
-        name="multislerp",
-        fn=multislerp,
-        params=(
-            Param("weight", float, Scope.NON_BASE),
-            Param("normalize_weights", bool, default=True),
-            Param("eps", float, default=1e-8),
-        ),
-        base=BasePolicy.OPTIONAL,
-        min_non_base=1,
-        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    )
-)
-register(
-    MergeMethod(
-        name="karcher",
-        fn=karcher,
-        params=(Param("max_iter", int, default=10), Param("tol", float, default=1e-5)),
-        reference="https://arxiv.org/abs/2603.04972",
-    )
-)

@@ -10,18 +10,12 @@ took part. Defaults per name are mergekit's.
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import torch
 
 from evomerge.methods.kernels import Workspace, largest_mask, masked, smallest_mask
-from evomerge.methods.registry import (
-    BasePolicy,
-    Inputs,
-    MergeMethod,
-    Param,
-    Scope,
-    in_range,
-    register,
-)
+from evomerge.methods.registry import BasePolicy, Inputs, PerModel, Search, define, in_range
 
 # mergekit's guard: norms below this are treated as zero and not rescaled.
 _RESCALE_EPS = 1e-7
@@ -99,7 +93,7 @@ def keep_random_by_rank(
     out, ws = _buffers(delta, out, workspace)
     if density <= 0:
         return out.zero_()
-    if density + epsilon >= 1 or density - epsilon <= 0:
+    if epsilon >= della_room(density):
         raise ValueError(
             f"della: density ± epsilon must stay inside (0, 1), got density={density:g}, epsilon={epsilon:g}"
         )
@@ -121,6 +115,21 @@ def keep_random_by_rank(
     return _finish(delta, out, rescale)
 
 
+def della_room(density: float) -> float:
+    """The largest epsilon DELLA allows at this density: density ± epsilon stays inside (0, 1)."""
+    return min(density, 1 - density)
+
+
+def della_constrain(values: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A search proposes DELLA's epsilon as a fraction of the room that the model's density leaves
+    at every layer (its smallest `della_room`): the recipe's epsilon is that fraction of the room."""
+    if "epsilon" not in values:
+        return values
+    rooms = [della_room(d) for d in values.get("density", [1.0]) if d < 1]
+    room = min(rooms) if rooms else 0.5
+    return {**values, "epsilon": [round(max(1e-4, fraction * room * 0.999), 6) for fraction in values["epsilon"]]}
+
+
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
     """TIES election: keep entries whose sign agrees with the sign of the summed deltas."""
     majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
@@ -130,19 +139,20 @@ def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
 def task_arithmetic_family(
     inputs: Inputs,
     *,
-    weight,
-    density,
-    normalize: bool,
-    rescale: bool,
     int8_mask: bool = False,  # accepted for mergekit compatibility: a memory option there, no effect on results
-    gamma=None,
-    epsilon=None,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: Annotated[float, Search(0.5, 1.5)] = 1.0,
+    weight: Annotated[PerModel, Search(0.0, 1.0, per_layer=True)],
+    density: Annotated[PerModel, in_range(0, 1, low_open=True), Search(0.1, 1.0, per_layer=True)] = 1.0,
+    gamma: Annotated[PerModel, in_range(0, 1), Search(0.0, 0.1, per_layer=True)] = 0.01,
+    # searched as a fraction of the room the density leaves (della_constrain)
+    epsilon: Annotated[PerModel, in_range(0, 1), Search(0.05, 0.95)] = 0.15,
     generator: torch.Generator | None = None,
     consensus: bool,
     sparsify: str | None,
-    **shared,
 ) -> torch.Tensor:
-    lam = shared["lambda"]
+    lam = lambda_
     base = inputs.base
     assert base is not None
     vectors = inputs.task_vectors()
@@ -210,54 +220,41 @@ def family_coefficients(n_inputs: int, base_index: int | None, *, consensus: boo
     return result
 
 
-_DENSITY = in_range(0, 1, low_open=True)
-
-
-def _register(name: str, *, consensus: bool, sparsify: str | None, normalize: bool, rescale: bool, reference: str):
-    params = [
-        Param("int8_mask", bool, default=False),
-        Param("normalize", bool, default=normalize),
-        Param("rescale", bool, default=rescale),
-        Param("lambda", float, default=1.0),
-        Param("weight", float, Scope.NON_BASE),
-        Param("density", float, Scope.NON_BASE, default=1.0, check=_DENSITY),
-    ]
-    if sparsify == "magnitude_outliers":
-        params.append(Param("gamma", float, Scope.NON_BASE, default=0.01, check=in_range(0, 1)))
-    if sparsify == "della_magprune":
-        params.append(Param("epsilon", float, Scope.NON_BASE, default=0.15, check=in_range(0, 1)))
+def _define(name: str, *, consensus: bool, sparsify: str | None, normalize: bool, rescale: bool, reference: str):
     options = {"consensus": consensus, "sparsify": sparsify}
 
     def coefficients(n_inputs, base_index, **resolved):
         return family_coefficients(n_inputs, base_index, **options, **resolved)
 
-    register(
-        MergeMethod(
-            name=name,
-            fn=task_arithmetic_family,
-            params=tuple(params),
-            base=BasePolicy.REQUIRED,
-            random=sparsify in ("random", "della_magprune"),
-            coefficients=coefficients,
-            reference=reference,
-            options=options,
-        )
+    define(
+        task_arithmetic_family,
+        name=name,
+        defaults={"normalize": normalize, "rescale": rescale},
+        skip=[p for p, used in (("gamma", sparsify == "magnitude_outliers"),
+                                ("epsilon", sparsify == "della_magprune")) if not used],
+        unsearched=["density"] if sparsify is None else [],  # accepted, but nothing is dropped
+        base=BasePolicy.REQUIRED,
+        random=sparsify in ("random", "della_magprune"),
+        coefficients=coefficients,
+        constrain=della_constrain if sparsify == "della_magprune" else None,
+        reference=reference,
+        options=options,
     )
 
 
-_register("task_arithmetic", consensus=False, sparsify=None, normalize=False, rescale=False,
-          reference="https://arxiv.org/abs/2212.04089")
-_register("ties", consensus=True, sparsify="magnitude", normalize=True, rescale=False,
-          reference="https://arxiv.org/abs/2306.01708")
-_register("dare_ties", consensus=True, sparsify="random", normalize=False, rescale=True,
-          reference="https://arxiv.org/abs/2311.03099")
-_register("dare_linear", consensus=False, sparsify="random", normalize=False, rescale=True,
-          reference="https://arxiv.org/abs/2311.03099")
-_register("breadcrumbs", consensus=False, sparsify="magnitude_outliers", normalize=False, rescale=False,
-          reference="https://arxiv.org/abs/2312.06795")
-_register("breadcrumbs_ties", consensus=True, sparsify="magnitude_outliers", normalize=False, rescale=False,
-          reference="https://arxiv.org/abs/2312.06795")
-_register("della", consensus=True, sparsify="della_magprune", normalize=True, rescale=True,
-          reference="https://arxiv.org/abs/2406.11617")
-_register("della_linear", consensus=False, sparsify="della_magprune", normalize=False, rescale=True,
-          reference="https://arxiv.org/abs/2406.11617")
+_define("task_arithmetic", consensus=False, sparsify=None, normalize=False, rescale=False,
+        reference="https://arxiv.org/abs/2212.04089")
+_define("ties", consensus=True, sparsify="magnitude", normalize=True, rescale=False,
+        reference="https://arxiv.org/abs/2306.01708")
+_define("dare_ties", consensus=True, sparsify="random", normalize=False, rescale=True,
+        reference="https://arxiv.org/abs/2311.03099")
+_define("dare_linear", consensus=False, sparsify="random", normalize=False, rescale=True,
+        reference="https://arxiv.org/abs/2311.03099")
+_define("breadcrumbs", consensus=False, sparsify="magnitude_outliers", normalize=False, rescale=False,
+        reference="https://arxiv.org/abs/2312.06795")
+_define("breadcrumbs_ties", consensus=True, sparsify="magnitude_outliers", normalize=False, rescale=False,
+        reference="https://arxiv.org/abs/2312.06795")
+_define("della", consensus=True, sparsify="della_magprune", normalize=True, rescale=True,
+        reference="https://arxiv.org/abs/2406.11617")
+_define("della_linear", consensus=False, sparsify="della_magprune", normalize=False, rescale=True,
+        reference="https://arxiv.org/abs/2406.11617")

@@ -13,12 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from evomerge.trials import TrialRecord, dimension_label  # noqa: E402
+
 log = logging.getLogger(__name__)
-
-
-def _score(trial) -> float:
-    values = trial.values or [math.nan]
-    return sum(values) / len(values)
 
 
 def _save(fig, path: Path) -> None:
@@ -29,14 +26,14 @@ def _save(fig, path: Path) -> None:
 
 def history(study: optuna.Study, path: Path) -> None:
     """Every trial's score, coloured by method, with the best so far; pruned and failed trials marked."""
-    trials = study.get_trials(deepcopy=False)
+    trials = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    methods = sorted({t.user_attrs.get("method", "?") for t in trials})
+    methods = sorted({t.method or "?" for t in trials})
     colours = plt.get_cmap("tab10")
     for i, method in enumerate(methods):
-        mine = [t for t in trials if t.user_attrs.get("method", "?") == method and t.state == TrialState.COMPLETE]
+        mine = [t for t in trials if (t.method or "?") == method and t.state == TrialState.COMPLETE]
         if mine:
-            ax.scatter([t.number for t in mine], [_score(t) for t in mine], s=18, color=colours(i % 10), label=method)
+            ax.scatter([t.number for t in mine], [t.score for t in mine], s=18, color=colours(i % 10), label=method)
     # Pruned trials were scored on the first rung's items only, a different scale from the full
     # score: marked along the bottom edge (like failed ones), not plotted as if comparable.
     edge = ax.get_xaxis_transform()  # x in trials, y in axes fraction
@@ -50,7 +47,7 @@ def history(study: optuna.Study, path: Path) -> None:
                    color="red", label="failed", clip_on=False)
     best, line = -math.inf, []
     for t in sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number):
-        best = max(best, _score(t))
+        best = max(best, t.score)
         line.append((t.number, best))
     if line:
         ax.step([x for x, _ in line], [y for _, y in line], where="post", color="black", linewidth=1.2, label="best so far")
@@ -63,11 +60,11 @@ def history(study: optuna.Study, path: Path) -> None:
 
 
 def task_scores(study: optuna.Study, tasks: list[str], path: Path) -> None:
-    trials = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if t.user_attrs.get("scores")), key=lambda t: t.number)
+    records = map(TrialRecord.of, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    trials = sorted((r for r in records if r.scores), key=lambda r: r.number)
     fig, axes = plt.subplots(len(tasks), 1, figsize=(8, 2.4 * len(tasks)), sharex=True, squeeze=False)
     for ax, task in zip(axes[:, 0], tasks):
-        ax.plot([t.number for t in trials], [t.user_attrs["scores"].get(task, math.nan) for t in trials],
+        ax.plot([t.number for t in trials], [t.scores.get(task, math.nan) for t in trials],
                 marker="o", markersize=3, linewidth=0.8)
         ax.set_ylabel(task)
     axes[-1, 0].set_xlabel("trial")
@@ -82,9 +79,9 @@ def importances(study: optuna.Study, path: Path) -> None:
     message = None
     if len(study.directions) == 1 and len(completed) >= 4:
         best = max(completed, key=lambda t: t.value)
-        method = best.user_attrs.get("method")
+        method = TrialRecord.of(best).method
         params = [p for p in best.params if p != "method"]
-        same = [t for t in completed if t.user_attrs.get("method") == method and set(params) <= set(t.params)]
+        same = [t for t in completed if TrialRecord.of(t).method == method and set(params) <= set(t.params)]
         try:
             sub = optuna.create_study(direction="maximize")
             sub.add_trials(optuna.trial.create_trial(params={p: t.params[p] for p in params},
@@ -95,7 +92,7 @@ def importances(study: optuna.Study, path: Path) -> None:
             values, message = {}, f"importances unavailable: {exc}"
         if values:
             names = list(values)[:20][::-1]
-            ax.barh([pretty_param(n) for n in names], [values[n] for n in names])
+            ax.barh([dimension_label(n) for n in names], [values[n] for n in names])
             ax.set_xlabel("importance (fANOVA)")
             ax.set_title(f"{study.study_name}: what mattered ({method}, {len(same)} trials)")
     else:
@@ -104,18 +101,6 @@ def importances(study: optuna.Study, path: Path) -> None:
         ax.axis("off")
         ax.text(0.5, 0.5, message or "no searched parameters", ha="center", va="center")
     _save(fig, path)
-
-
-def pretty_param(name: str) -> str:
-    """'ties.math.weight.self_attn.1' -> 'math.weight[self_attn][1]' (method and defaults dropped)."""
-    parts = name.split(".")
-    if len(parts) != 5:
-        return name
-    _method, owner, param, flt, point = parts
-    label = param if owner == "all" else f"{owner}.{param}"
-    if flt != "rest":
-        label += f"[{flt}]"
-    return label + f"[{point}]"
 
 
 def pareto(study: optuna.Study, tasks: list[str], path: Path) -> None:

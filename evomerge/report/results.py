@@ -25,38 +25,35 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from evomerge import __version__
 from evomerge.recipe import Recipe
 from evomerge.report import plots
 from evomerge.report.tables import markdown_table
+from evomerge.trials import STUDY_SPACE, TrialRecord, dimension_label
 
 log = logging.getLogger(__name__)
 
 
-def completed(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "recipe" in t.user_attrs]
+def completed(study: optuna.Study) -> list[TrialRecord]:
+    records = map(TrialRecord.of, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return [r for r in records if r.complete]
 
 
-def trial_score(trial: FrozenTrial) -> float:
-    """Single objective: the value; multi-objective: the mean of the objectives."""
-    values = trial.values or [math.nan]
-    return sum(values) / len(values)
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    trials = completed(study)
-    if not trials:
+def best_trial(study: optuna.Study) -> TrialRecord | None:
+    """The winner: the best value, or (multi-objective) the Pareto-front trial with the best mean."""
+    records = completed(study)
+    if len(study.directions) > 1:
+        front = {t.number for t in study.best_trials}
+        records = [r for r in records if r.number in front]
+    if not records:
         return None
-    if len(study.directions) == 1:
-        return max(trials, key=lambda t: t.value)
-    front = {t.number for t in study.best_trials}
-    return max((t for t in trials if t.number in front), key=trial_score)
+    return max(records, key=lambda r: r.score)
 
 
-def ranked(study: optuna.Study) -> list[FrozenTrial]:
-    return sorted(completed(study), key=trial_score, reverse=True)
+def ranked(study: optuna.Study) -> list[TrialRecord]:
+    return sorted(completed(study), key=lambda r: r.score, reverse=True)
 
 
 def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[str],
@@ -67,7 +64,7 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
     states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
     best = best_trial(study)
     if best is not None:
-        Recipe.from_yaml(best.user_attrs["recipe"]).save(results_dir / "best.yaml")
+        Recipe.from_yaml(best.recipe).save(results_dir / "best.yaml")
     _leaderboard(study, results_dir, task_names)
     plots.history(study, results_dir / "history.png")
     plots.task_scores(study, task_names, results_dir / "tasks.png")
@@ -79,8 +76,8 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
         "directions": [d.name.lower() for d in study.directions],
         "trials": states,
         "best": None if best is None else {
-            "trial": best.number, "value": trial_score(best), "method": best.user_attrs.get("method"),
-            "scores": best.user_attrs.get("scores"), "recipe": "best.yaml",
+            "trial": best.number, "value": best.score, "method": best.method,
+            "scores": best.scores, "recipe": "best.yaml",
         },
         "pruning": pruning_savings(study),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -100,7 +97,7 @@ def pruning_savings(study: optuna.Study) -> dict[str, Any]:
     task's items); completed trials then score only the remaining items, pruned ones stop."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    pruning = study.user_attrs.get("evomerge:space", {}).get("pruning", {})
+    pruning = study.user_attrs.get(STUDY_SPACE, {}).get("pruning", {})
     rung = pruning.get("first_rung", 0.34) if pruning.get("enabled", False) else 1.0
     spent = (len(trials) - pruned) + pruned * rung  # in full evaluations
     return {"pruned_trials": pruned, "finished_trials": len(trials),
@@ -112,17 +109,14 @@ def _leaderboard(study: optuna.Study, results_dir: Path, task_names: list[str]) 
     with open(results_dir / "leaderboard.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["rank", "trial", "score", "method", *task_names, "seconds", "recipe"])
-        for rank, t in enumerate(rows, 1):
-            scores = t.user_attrs.get("scores", {})
-            writer.writerow([rank, t.number, f"{trial_score(t):.6f}", t.user_attrs.get("method"),
-                             *(f"{scores.get(task, math.nan):.6f}" for task in task_names),
-                             t.user_attrs.get("seconds"), t.user_attrs.get("recipe")])
+        for rank, r in enumerate(rows, 1):
+            writer.writerow([rank, r.number, f"{r.score:.6f}", r.method,
+                             *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names), r.seconds, r.recipe])
     header = ["rank", "trial", "score", "method", *task_names, "parameters"]
     table = []
-    for rank, t in enumerate(rows[:20], 1):
-        scores = t.user_attrs.get("scores", {})
-        table.append([rank, t.number, f"{trial_score(t):.4f}", t.user_attrs.get("method"),
-                      *(f"{scores.get(task, math.nan):.4f}" for task in task_names), _compact(t.params)])
+    for rank, r in enumerate(rows[:20], 1):
+        table.append([rank, r.number, f"{r.score:.4f}", r.method,
+                      *(f"{r.scores.get(task, math.nan):.4f}" for task in task_names), _compact(r.params)])
     text = f"# Leaderboard: {study.study_name}\n\nTop {len(table)} of {len(rows)} completed trials (higher is better). "
     text += "Full recipes: leaderboard.csv; the winner: best.yaml.\n\n" + markdown_table(header, table)
     (results_dir / "leaderboard.md").write_text(text, encoding="utf-8")
@@ -133,8 +127,8 @@ def _compact(params: dict[str, Any]) -> str:
     for name, value in params.items():
         if name == "method":
             continue
-        short = ".".join(p for p in name.split(".")[1:] if p not in ("all", "rest"))
-        parts.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
+        label = dimension_label(name)
+        parts.append(f"{label}={value:.3g}" if isinstance(value, float) else f"{label}={value}")
     return " ".join(parts)
 
 

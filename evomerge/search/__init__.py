@@ -1,86 +1,116 @@
-"""`evomerge search`: the product's main job, and `evomerge report`."""
+"""`evomerge search` and `evomerge report`: one job, one pipeline.
+
+    trials (this process, N local workers, or one worker of a shared study)
+      -> best trial -> held-out scores of the winner and the sources -> results folder
+
+`run` is that pipeline; `run_search`, `run_workers`, `run_worker` and `write_report` are its
+entry points for the CLI and the tests.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from evomerge.evaluation import Evaluator
+from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
-from evomerge.search.runner import Searcher, task_requests
-from evomerge.search.space import HeldoutEntry, SearchSpace
+from evomerge.search.heldout import evaluate_heldout
+from evomerge.search.runner import Searcher
+from evomerge.search.space import SearchSpace
+from evomerge.trials import study_task_names
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchSpace", "Searcher", "run_search", "run_workers", "run_worker", "dry_run", "evaluate_heldout",
-           "write_report", "worker_environment"]
+__all__ = ["SearchJob", "SearchSpace", "Searcher", "run", "run_search", "run_workers", "run_worker", "dry_run",
+           "evaluate_heldout", "write_report", "worker_environment"]
 
 
-def heldout_entries(space: SearchSpace) -> list[HeldoutEntry]:
-    if space.config.heldout:
-        return list(space.config.heldout)
-    return [HeldoutEntry(task=t.task, metric="accuracy", size=t.size) for t in space.config.tasks]
+@dataclass(frozen=True)
+class SearchJob:
+    """What one `evomerge search` is asked to do; None means the space's own setting."""
+
+    space: SearchSpace
+    storage: str | None = None
+    study_name: str | None = None
+    n_trials: int | None = None
+    timeout: float | None = None
+    device: str | None = None
+    results_root: str | Path | None = None
+    heldout: bool = True
+    progress: bool = True
+    workers: int = 1  # local worker processes; 1 runs the trials in this process
+    space_file: str | None = None  # what the worker processes load (with workers > 1)
+
+    def searcher(self) -> Searcher:
+        return Searcher(self.space, storage=self.storage, study_name=self.study_name, results_root=self.results_root,
+                        device=self.device, progress=self.progress)
 
 
-def evaluate_heldout(searcher: Searcher, best_recipe: Recipe) -> dict[str, Any]:
-    """The winner and every source model, re-scored on the held-out split."""
-    space, engine = searcher.space, searcher.engine
-    entries = heldout_entries(space)
-    by_metric: dict[str, list] = {}
-    for entry in entries:
-        by_metric.setdefault(entry.metric, []).append(entry)
-    tokenizer = searcher.evaluator.tokenizer
-    evaluators = {metric: Evaluator(task_requests(space, group), tokenizer, split="heldout", seed=space.config.seed,
-                                    batch_size=space.config.batch_size) for metric, group in by_metric.items()}
-    candidates = {"winner": best_recipe}
-    sources = ({"base": space.base} if space.base and space.base not in space.models.values() else {}) | space.models
-    for name, path in sources.items():  # a source as the engine sees it: a weight-1 linear "merge"
-        candidates[name] = Recipe.from_dict({"merge_method": "linear", "dtype": space.config.dtype,
-                                             "models": [{"model": path, "parameters": {"weight": 1.0}}]})
-    columns = [f"{e.task}/{e.metric}" for e in entries]
-    groups = {metric: [c for c in columns if c.endswith("/" + metric)] for metric in ("accuracy", "gold_loglik")}
-    groups = {metric: cols for metric, cols in groups.items() if cols}
-    rows: dict[str, Any] = {}
-    for name, recipe in candidates.items():
-        model = engine.materialize(recipe, seed=space.config.seed)
-        scores = {}
-        for metric, evaluator in evaluators.items():
-            scores.update({f"{task}/{metric}": value for task, value in evaluator.evaluate(model).scores.items()})
-        combined = {metric: sum(scores[c] for c in cols) / len(cols) for metric, cols in groups.items()}
-        rows[name] = {"scores": scores, "combined": combined}
-        log.info("held-out %s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    beats = {metric: rows["winner"]["combined"][metric] > max(row["combined"][metric] for name, row in rows.items()
-                                                                 if name != "winner") for metric in groups}
-    return {"split": "heldout", "seed": space.config.seed, "columns": columns, "combined_over": groups,
-            "rows": rows, "winner_beats_all_sources": beats}
-
-
-def run_search(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
-               n_trials: int | None = None, timeout: float | None = None, device: str | None = None,
-               results_root: str | Path | None = None, heldout: bool = True, progress: bool = True) -> dict[str, Any]:
+def run(job: SearchJob) -> dict[str, Any]:
+    """Trials, then the best trial's held-out scores, then the results folder; returns the summary."""
     from evomerge.log import setup_logging
+
+    searcher = job.searcher()
+    setup_logging(log_file=searcher.results_dir / "search.log")
+    if job.workers > 1:
+        study, this_run = _run_local_workers(job, searcher)
+    else:
+        outcome = searcher.run(n_trials=job.n_trials, timeout=job.timeout)
+        study = outcome.study
+        this_run = {"trials": outcome.trials_run, "seconds": round(outcome.seconds, 1),
+                    "interrupted": outcome.interrupted}
+        if outcome.stopped:
+            this_run["stopped"] = outcome.stopped
+    extra = {"storage": searcher.storage_url, "this_run": this_run}
+    heldout = job.heldout and not this_run.get("interrupted")
+    if job.heldout and this_run.get("interrupted"):
+        extra["heldout_skipped"] = "interrupted; rerun the same command to resume and finish"
+    return _finish(searcher, study, heldout=heldout, extra=extra)
+
+
+def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    """The best trial's held-out scores (when asked), then the results folder."""
     from evomerge.report.results import best_trial, write_results
 
-    searcher = Searcher(space, storage=storage, study_name=study_name, results_root=results_root, device=device,
-                        progress=progress)
-    setup_logging(log_file=searcher.results_dir / "search.log")
-    outcome = searcher.run(n_trials=n_trials, timeout=timeout)
-    study = outcome.study
     best = best_trial(study)
     held = None
-    if heldout and best is not None and not outcome.interrupted:
+    if heldout and best is not None:
+        if searcher.engine is None:
+            searcher.load()
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
-        held = evaluate_heldout(searcher, Recipe.from_yaml(best.user_attrs["recipe"]))
-    extra = {"storage": searcher.storage_url, "this_run": {"trials": outcome.trials_run,
-             "seconds": round(outcome.seconds, 1), "interrupted": outcome.interrupted}}
-    if outcome.interrupted:
-        extra["heldout_skipped"] = "interrupted; rerun the same command to resume and finish"
-    return write_results(study, searcher.results_dir, task_names=[t.task for t in space.config.tasks], heldout=held,
+        held = evaluate_heldout(searcher.space, searcher.engine, searcher.evaluator.tokenizer,
+                                Recipe.from_yaml(best.recipe))
+    return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
                          extra=extra)
+
+
+def run_search(space: SearchSpace, **options: Any) -> dict[str, Any]:
+    """The search in this process (see `SearchJob` for the options)."""
+    return run(SearchJob(space, **options))
+
+
+def run_workers(space: SearchSpace, space_file: str, workers: int, **options: Any) -> dict[str, Any]:
+    """`--workers N`: N local worker processes on one study (one per GPU when there are several)."""
+    return run(SearchJob(space, workers=workers, space_file=str(space_file), **options))
+
+
+def run_worker(space: SearchSpace, **options: Any) -> int:
+    """One worker of a shared study: the trial loop only (no held-out, no results folder)."""
+    from evomerge.log import setup_logging
+
+    job = SearchJob(space, **options, progress=False)
+    searcher = job.searcher()
+    setup_logging(log_file=searcher.results_dir / "search.log")
+    outcome = searcher.run(n_trials=job.n_trials, timeout=job.timeout)
+    return 130 if outcome.interrupted else (1 if outcome.stopped else 0)
 
 
 def worker_environment(index: int, workers: int, gpus: int) -> dict[str, str]:
@@ -94,39 +124,25 @@ def worker_environment(index: int, workers: int, gpus: int) -> dict[str, str]:
     return env
 
 
-def run_workers(space: SearchSpace, space_file: str, workers: int, *, storage: str | None = None,
-                study_name: str | None = None, n_trials: int | None = None, timeout: float | None = None,
-                device: str | None = None, results_root: str | Path | None = None, heldout: bool = True,
-                progress: bool = True) -> dict[str, Any]:
-    """`--workers N`: N local worker processes on one study (one per GPU when there are several),
-    then the held-out evaluation and the results folder, written by this process."""
-    import subprocess
-    import sys
-    import time
-
+def _run_local_workers(job: SearchJob, searcher: Searcher) -> tuple[optuna.Study, dict[str, Any]]:
     import torch
     from tqdm.auto import tqdm
 
-    from evomerge.log import setup_logging
-    from evomerge.report.results import best_trial, write_results
     from evomerge.search import storage as store
 
-    searcher = Searcher(space, storage=storage, study_name=study_name, results_root=results_root, device=device,
-                        progress=progress)
-    setup_logging(log_file=searcher.results_dir / "search.log")
     study = searcher.open_study()  # created once, before the workers race for it
     gpus = torch.cuda.device_count()
-    command = [sys.executable, "-m", "evomerge", "search", str(space_file), "--worker", "-q",
+    command = [sys.executable, "-m", "evomerge", "search", str(job.space_file), "--worker", "-q",
                "--storage", searcher.storage_url, "--study-name", searcher.study_name,
                "--results", str(searcher.results_dir.parent)]
-    for flag, value in (("--n-trials", n_trials), ("--timeout", timeout), ("--device", device)):
+    for flag, value in (("--n-trials", job.n_trials), ("--timeout", job.timeout), ("--device", job.device)):
         if value is not None:
             command += [flag, str(value)]
-    processes = [subprocess.Popen(command, env=worker_environment(index, workers, gpus)) for index in range(workers)]
-    log.info("started %d workers on study '%s' (%s)", workers, searcher.study_name, searcher.storage_url)
-    budget = n_trials or space.config.n_trials
+    processes = [subprocess.Popen(command, env=worker_environment(i, job.workers, gpus)) for i in range(job.workers)]
+    log.info("started %d workers on study '%s' (%s)", job.workers, searcher.study_name, searcher.storage_url)
+    budget = job.n_trials or job.space.config.n_trials
     started = time.monotonic()
-    with tqdm(total=budget, desc=f"search ({workers} workers)", unit="trial", disable=not progress) as bar:
+    with tqdm(total=budget, desc=f"search ({job.workers} workers)", unit="trial", disable=not job.progress) as bar:
         while any(p.poll() is None for p in processes):
             done = store.finished_count(study)
             bar.update(max(0, min(done, budget or done) - bar.n))
@@ -134,77 +150,40 @@ def run_workers(space: SearchSpace, space_file: str, workers: int, *, storage: s
     codes = [p.returncode for p in processes]
     if any(codes):
         log.warning("worker exit codes: %s", codes)
-    best = best_trial(study)
-    held = None
-    if heldout and best is not None:
-        searcher.load()
-        held = evaluate_heldout(searcher, Recipe.from_yaml(best.user_attrs["recipe"]))
-    extra = {"storage": searcher.storage_url, "this_run": {"workers": workers, "worker_exit_codes": codes,
-                                                            "seconds": round(time.monotonic() - started, 1)}}
-    return write_results(study, searcher.results_dir, task_names=[t.task for t in space.config.tasks],
-                         heldout=held, extra=extra)
-
-
-def run_worker(space: SearchSpace, **kwargs) -> int:
-    """One worker of a shared study: the trial loop only (no held-out, no results folder)."""
-    from evomerge.log import setup_logging
-
-    searcher = Searcher(space, storage=kwargs.get("storage"), study_name=kwargs.get("study_name"),
-                        results_root=kwargs.get("results_root"), device=kwargs.get("device"), progress=False)
-    setup_logging(log_file=searcher.results_dir / "search.log")
-    outcome = searcher.run(n_trials=kwargs.get("n_trials"), timeout=kwargs.get("timeout"))
-    return 130 if outcome.interrupted else 0
+    return study, {"workers": job.workers, "worker_exit_codes": codes, "seconds": round(time.monotonic() - started, 1)}
 
 
 def write_report(storage: str, study_name: str, results_root: str | Path = "results",
                  heldout_space: SearchSpace | None = None) -> dict[str, Any]:
     """`evomerge report`: the results folder of any study, from its database alone; with the
     study's search space (and its models on this machine), the held-out table too."""
-    from evomerge.report.results import best_trial, write_results
+    from evomerge.report.results import write_results
     from evomerge.search import storage as store
 
     storage = store.normalize_url(storage)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        from evomerge.errors import EvomergeError
-
-        raise EvomergeError(f"no study '{study_name}' in {storage}") from None
-    space = study.user_attrs.get("evomerge:space", {})
-    tasks = [t["task"] for t in space.get("tasks", [])] or sorted(
-        {k for t in study.get_trials(deepcopy=False) for k in t.user_attrs.get("scores", {})})
-    held = None
-    best = best_trial(study)
-    if heldout_space is not None and best is not None:
-        searcher = Searcher(heldout_space, storage=storage, study_name=study_name, results_root=results_root)
-        searcher.open_study()  # refuses a space other than the study's
-        searcher.load()
-        held = evaluate_heldout(searcher, Recipe.from_yaml(best.user_attrs["recipe"]))
-    return write_results(study, Path(results_root) / study_name, task_names=tasks, heldout=held,
-                         extra={"storage": storage})
+        raise EvomergeError(f"no study '{study_name}' in {store.redacted(storage)}") from None
+    if heldout_space is None:
+        return write_results(study, Path(results_root) / study_name, task_names=study_task_names(study),
+                             extra={"storage": storage})
+    searcher = Searcher(heldout_space, storage=storage, study_name=study_name, results_root=results_root)
+    searcher.open_study()  # refuses a space other than the study's
+    return _finish(searcher, study, heldout=True, extra={"storage": storage})
 
 
 def dry_run(space: SearchSpace, count: int = 3) -> list[Recipe]:
-    """The first recipes the sampler would propose, without loading any model."""
+    """The first recipes the sampler would propose, without loading any model (layer counts for
+    stacking come from the sources' configs: local dirs, GGUF headers or cached hub ids)."""
+    from evomerge.checkpoint import locate
     from evomerge.search.sampler import make_sampler, suggest
 
-    study = optuna.create_study(directions=["maximize"] * (len(space.config.tasks) if space.config.objective == "multi" else 1),
-                                sampler=make_sampler(space))
-    layers = _layer_counts(space) if space.config.stacking else None
+    study = optuna.create_study(directions=["maximize"] * space.objectives, sampler=make_sampler(space))
+    layers = {path: locate(path).num_layers for path in space.models.values()} if space.config.stacking else None
     recipes = []
     for _ in range(count):
         trial = study.ask()
         method, values = suggest(trial, space)
         recipes.append(space.recipe(method, values, layers))
     return recipes
-
-
-def _layer_counts(space: SearchSpace) -> dict[str, int]:
-    import json
-
-    counts = {}
-    for path in space.models.values():
-        config = Path(path) / "config.json"
-        if config.exists():
-            counts[path] = json.loads(config.read_text()).get("num_hidden_layers")
-    return counts

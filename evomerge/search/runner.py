@@ -4,8 +4,10 @@ One worker loads the sources once, then repeats: admit a trial (the budget is ch
 lock), let the sampler propose, build the recipe, materialise it into the resident model, score
 a first rung of every task (the pruner may stop it there), score the rest, tell Optuna. Every
 trial stores its recipe, seed and per-task scores, so it can be re-run from its record alone.
-A failed candidate (NaN weights or scores, shape mismatch, out of memory, crashing code) is a
-FAIL trial with its reason; Ctrl-C marks the running trial interrupted and stops cleanly.
+A failed candidate (NaN weights or scores, a method's value error, out of memory) is a FAIL trial
+with its reason, and the search goes on; `MAX_CONSECUTIVE_FAILURES` failed trials in a row stop it
+with their reasons. Any other exception is a bug: its trial is failed and the search stops with the
+traceback. Ctrl-C marks the running trial interrupted and stops cleanly.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import hashlib
 import logging
 import math
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -23,9 +24,10 @@ import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from evomerge import trials as record
 from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError, MergeFailure, SpaceError
-from evomerge.evaluation import Evaluator, Scores, TaskRequest
+from evomerge.evaluation import Evaluator, Scores
 from evomerge.recipe import Recipe
 from evomerge.search import storage as store
 from evomerge.search.interrupts import InterruptGate
@@ -34,9 +36,8 @@ from evomerge.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-SPACE_ATTR = "evomerge:space_fingerprint"
-# Unexpected errors (bugs, not bad candidates) in this many consecutive trials stop the search.
-MAX_CONSECUTIVE_ERRORS = 5
+# This many failed trials in a row (of any kind) stop the search: something is wrong with every candidate.
+MAX_CONSECUTIVE_FAILURES = 10
 
 
 class RungPruner(optuna.pruners.BasePruner):
@@ -71,7 +72,7 @@ class SearchOutcome:
     trials_run: int = 0
     interrupted: bool = False
     seconds: float = 0.0
-    evaluation_seconds: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None  # why the search stopped before its budget (consecutive failures)
 
 
 def space_fingerprint(space: SearchSpace) -> str:
@@ -84,20 +85,6 @@ def space_fingerprint(space: SearchSpace) -> str:
                 "tasks": [t.model_dump() for t in c.tasks], "objective": c.objective, "seed": c.seed,
                 "dtype": c.dtype, "out_dtype": c.out_dtype}
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
-
-
-def combined_score(space: SearchSpace, scores: dict[str, float]) -> float:
-    """Weighted mean of the per-task scores."""
-    tasks = space.config.tasks
-    total = sum(t.weight for t in tasks)
-    return sum(t.weight * scores[t.task] for t in tasks) / total
-
-
-def task_requests(space: SearchSpace, entries=None) -> list[TaskRequest]:
-    return [TaskRequest(t.task, t.metric, size=t.size, num_fewshot=t.num_fewshot,
-                        subjects=tuple(t.subjects) if getattr(t, "subjects", None) else None,
-                        max_gen_toks=t.max_gen_toks)
-            for t in (entries if entries is not None else space.config.tasks)]
 
 
 class Searcher:
@@ -120,18 +107,18 @@ class Searcher:
 
     def open_study(self) -> optuna.Study:
         config = self.space.config
-        directions = ["maximize"] * (len(config.tasks) if config.objective == "multi" else 1)
+        directions = ["maximize"] * self.space.objectives
         pruner = (RungPruner(config.pruning.quantile, config.pruning.min_trials)
                   if config.pruning.enabled and config.objective != "multi" else optuna.pruners.NopPruner())
         storage = store.open_storage(self.storage_url)
         study = optuna.create_study(study_name=self.study_name, storage=storage, directions=directions,
                                     sampler=make_sampler(self.space), pruner=pruner, load_if_exists=True)
         fingerprint = space_fingerprint(self.space)
-        existing = study.user_attrs.get(SPACE_ATTR)
+        existing = study.user_attrs.get(record.STUDY_FINGERPRINT)
         if existing is None:
-            study.set_user_attr(SPACE_ATTR, fingerprint)
-            study.set_user_attr("evomerge:space", self.space.config.model_dump(mode="json"))
-            study.set_user_attr("evomerge:models", self.space.models)
+            study.set_user_attr(record.STUDY_FINGERPRINT, fingerprint)
+            study.set_user_attr(record.STUDY_SPACE, self.space.config.model_dump(mode="json"))
+            study.set_user_attr(record.STUDY_MODELS, self.space.models)
         elif existing != fingerprint:
             raise SpaceError(
                 f"study '{self.study_name}' in {self.storage_url} was created from a different search space "
@@ -143,7 +130,7 @@ class Searcher:
         """Sources resident on the device, tokenizer and evaluator: once per worker."""
         from transformers import AutoTokenizer
 
-        from evomerge.engine.checkpoint import locate
+        from evomerge.checkpoint import locate
 
         config = self.space.config
         if self.space.uses_demo_family:
@@ -156,7 +143,7 @@ class Searcher:
         donor = locate(self.space.base or refs[0])
         kwargs = {"gguf_file": donor.gguf_file} if donor.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(donor.path, **kwargs)
-        self.evaluator = Evaluator(task_requests(self.space), tokenizer, split="search", seed=config.seed,
+        self.evaluator = Evaluator(self.space.task_requests(), tokenizer, split="search", seed=config.seed,
                                    batch_size=config.batch_size)
 
     # ------------------------------------------------------------------ one trial
@@ -169,15 +156,12 @@ class Searcher:
         config = self.space.config
         recipe = self.recipe_for(trial)
         text = recipe.to_yaml()
-        trial.set_user_attr("recipe", text)
-        trial.set_user_attr("method", recipe.merge_method)
-        trial.set_user_attr("seed", config.seed)
+        record.write(trial, recipe=text, method=recipe.merge_method, seed=config.seed)
         started = time.perf_counter()
         key = hashlib.sha256(text.encode()).hexdigest()
         if key in self._recipe_scores:  # the same recipe again (e.g. a parameter-less method)
             value, scores = self._recipe_scores[key]
-            trial.set_user_attr("scores", scores)
-            trial.set_user_attr("duplicate_of_recipe", key[:12])
+            record.write(trial, scores=scores, duplicate_of_recipe=key[:12])
             return value
         try:
             with self._gate.interruptible():
@@ -189,22 +173,18 @@ class Searcher:
         if pruning:
             rung = config.pruning.first_rung
             first = self._score(model, part=(0.0, rung))
-            first_value = combined_score(self.space, first.scores)
-            trial.set_user_attr("first_rung_scores", first.scores)
+            first_value = self.space.objective(first.scores)
+            record.write(trial, first_rung_scores=first.scores)
             trial.report(first_value, step=0)
             if trial.should_prune():
-                trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+                record.write(trial, seconds=round(time.perf_counter() - started, 2))
                 raise optuna.TrialPruned(f"first rung {first_value:.4f} below the {config.pruning.quantile:.0%} quantile")
             scores = Scores.combine(first, self._score(model, part=(rung, 1.0))).scores
         else:
             scores = self._score(model).scores
-        trial.set_user_attr("scores", scores)
-        trial.set_user_attr("merge_seconds", round(merge_seconds, 3))
-        trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-        if config.objective == "multi":
-            value = [scores[t.task] for t in config.tasks]
-        else:
-            value = combined_score(self.space, scores)
+        record.write(trial, scores=scores, merge_seconds=round(merge_seconds, 3),
+                     seconds=round(time.perf_counter() - started, 2))
+        value = self.space.objective(scores)
         self._recipe_scores[key] = (value, scores)
         return value
 
@@ -238,7 +218,7 @@ class Searcher:
             self.load()
         lock = store.AdmissionLock(self.storage_url, self.study_name)
         start = time.monotonic()
-        errors = 0
+        failures: list[str] = []  # reasons of the failed trials since the last one that finished
         bar = tqdm(total=n_trials, initial=min(done_before, n_trials or done_before), desc="search",
                    unit="trial", disable=not self.progress)
         self._update_bar(bar, study)
@@ -255,11 +235,14 @@ class Searcher:
                         with self._gate.interruptible():
                             time.sleep(2)  # others still run trials that may fail and come back
                         continue
-                    state, error = self._run_trial(study, trial)
+                    state, reason = self._run_trial(study, trial)
                     outcome.trials_run += 1
-                    errors = errors + 1 if error else 0
-                    if errors >= MAX_CONSECUTIVE_ERRORS:
-                        raise EvomergeError(f"{errors} trials in a row failed with an unexpected error; last: {error}")
+                    failures = failures + [f"trial {trial.number}: {reason}"] if state == TrialState.FAIL else []
+                    if len(failures) >= MAX_CONSECUTIVE_FAILURES:
+                        outcome.stopped = f"{len(failures)} trials in a row failed; " + "; ".join(
+                            dict.fromkeys(r.split(": ", 1)[1] for r in failures))
+                        log.error("stopping the search: %s", outcome.stopped)
+                        break
                     bar.update(1 if state in (TrialState.COMPLETE, TrialState.PRUNED) else 0)
                     self._update_bar(bar, study)
                 self._gate.checkpoint()  # a Ctrl-C during the last write still stops before held-out
@@ -273,7 +256,8 @@ class Searcher:
         return outcome
 
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial) -> tuple[TrialState, str | None]:
-        """Runs one trial to a final state; returns (state, unexpected error or None)."""
+        """Runs one trial to a final state; returns (state, a failure's reason or None). A bug (any
+        exception a candidate cannot cause) fails the trial, then propagates with its traceback."""
         log.info("trial %d: evaluating", trial.number)
         with store.Heartbeat(study._storage, trial._trial_id):
             try:
@@ -284,24 +268,22 @@ class Searcher:
                 return TrialState.PRUNED, None
             except (CandidateFailed, EvomergeError) as exc:
                 reason = " ".join(str(exc).split())
-                trial.set_user_attr("fail_reason", reason)
+                record.write(trial, fail_reason=reason)
                 study.tell(trial, state=TrialState.FAIL)
                 log.warning("trial %d: failed: %s", trial.number, reason)
-                return TrialState.FAIL, None
+                return TrialState.FAIL, reason
             except KeyboardInterrupt:
-                trial.set_user_attr("interrupted", True)
-                trial.set_user_attr("fail_reason", "interrupted by the user")
+                record.write(trial, interrupted=True, fail_reason="interrupted by the user")
                 study.tell(trial, state=TrialState.FAIL)
                 raise
-            except Exception as exc:  # a bug, not a bad candidate: fail the trial, keep the log
-                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-                trial.set_user_attr("fail_reason", reason)
+            except Exception as exc:  # a bug, not a bad candidate: fail the trial and stop, traceback kept
+                record.write(trial, fail_reason=f"{type(exc).__name__}: {' '.join(str(exc).split())} (a bug)")
                 study.tell(trial, state=TrialState.FAIL)
-                log.error("trial %d: unexpected error: %s\n%s", trial.number, reason, traceback.format_exc())
-                return TrialState.FAIL, reason
+                log.exception("trial %d: unexpected error; stopping the search", trial.number)
+                raise
         study.tell(trial, value)
-        shown = value if isinstance(value, float) else ", ".join(f"{v:.4f}" for v in value)
-        log.info("trial %d: %s -> %s", trial.number, trial.user_attrs.get("method"), shown if isinstance(shown, str) else f"{shown:.4f}")
+        shown = f"{value:.4f}" if isinstance(value, float) else ", ".join(f"{v:.4f}" for v in value)
+        log.info("trial %d: %s -> %s", trial.number, trial.user_attrs.get(record.FIELDS["method"]), shown)
         return TrialState.COMPLETE, None
 
     def _update_bar(self, bar, study: optuna.Study) -> None:

@@ -17,7 +17,7 @@ normalised to [0, 1]:
   ranked r-th by its best score with probability proportional to 2^-r (methods without
   continuous parameters are evaluated once).
 
-Each proposal writes `evomerge:sampler = "cmaes"` and its CMA coordinates into the trial's
+Each proposal writes `trials.SAMPLER = "cmaes"` and its CMA coordinates into the trial's
 system attributes; any parameter Optuna had to sample independently is recorded too.
 """
 
@@ -34,9 +34,9 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.search.space import Dimension, SearchSpace
-
-KEY = "evomerge:"
+from evomerge import trials as record
+from evomerge.search.space import SearchSpace
+from evomerge.trials import CMA_X, PROPOSED_METHOD, Dimension, TrialRecord
 
 
 def _seed(*parts: Any) -> int:
@@ -82,11 +82,11 @@ def rung_offset(trials: list[FrozenTrial]) -> float:
 
 def is_interrupted(trial: FrozenTrial, retried: set[int] = frozenset()) -> bool:
     """Stopped by the user or lost with its worker (then retried): says nothing about the candidate."""
-    return trial.state == TrialState.FAIL and (bool(trial.user_attrs.get("interrupted")) or trial.number in retried)
+    return trial.state == TrialState.FAIL and (TrialRecord.of(trial).interrupted or trial.number in retried)
 
 
 def retried_numbers(history: list[FrozenTrial]) -> set[int]:
-    return {t.user_attrs["retry_of"] for t in history if t.user_attrs.get("retry_of") is not None}
+    return {r.retry_of for r in map(TrialRecord.of, history) if r.retry_of is not None}
 
 
 class MethodwiseCmaEs(BaseSampler):
@@ -112,22 +112,22 @@ class MethodwiseCmaEs(BaseSampler):
         if not search_space:
             return {}
         history = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
-        retry_of = trial.user_attrs.get("retry_of")
+        retry_of = TrialRecord.of(trial).retry_of
         original = next((t for t in history if t.number == retry_of), None) if retry_of is not None else None
-        if original is not None and KEY + "cma_x" in original.system_attrs:
+        if original is not None and CMA_X in original.system_attrs:
             # A re-queued trial repeats the lost candidate: same proposal, same place in its
             # generation (rebuilt from the recorded point: the worker may have died before storing
             # some or all of its parameters; the stored ones are the same values).
             for key, value in original.system_attrs.items():
-                if key.startswith(KEY) and key != KEY + "worker":
+                if key.startswith(record.SAMPLER_PREFIX) and key != record.WORKER:
                     study._storage.set_trial_system_attr(trial._trial_id, key, value)
-            method = original.system_attrs[KEY + "method"]
-            x = original.system_attrs[KEY + "cma_x"]
+            method = original.system_attrs[PROPOSED_METHOD]
+            x = original.system_attrs[CMA_X]
             params = {dim.name: from_unit(dim, xi) for dim, xi in zip(self.space.dimensions(method), x)}
             return {"method": method, **params} if len(self.space.methods) > 1 else params
         # (a lost trial that never got a proposal is simply a new one)
         method = self.choose_method(history, trial.number)
-        attrs: dict[str, Any] = {"sampler": "cmaes", "method": method}
+        attrs: dict[str, Any] = {record.SAMPLER: "cmaes", PROPOSED_METHOD: method}
         params: dict[str, Any] = {"method": method} if len(self.space.methods) > 1 else {}
         dims = self.space.dimensions(method)
         if dims:
@@ -137,15 +137,15 @@ class MethodwiseCmaEs(BaseSampler):
             optimizer._rng = np.random.RandomState(_seed(self.seed, method, generation, assigned, trial.number))
             x = optimizer.ask()
             params.update({dim.name: from_unit(dim, xi) for dim, xi in zip(dims, x)})
-            attrs.update({"cma_generation": generation, "cma_index": assigned, "cma_x": [float(v) for v in x],
-                          "cma_sigma": float(optimizer._sigma), "cma_popsize": optimizer.population_size})
+            attrs.update({record.CMA_GENERATION: generation, record.CMA_INDEX: assigned, CMA_X: [float(v) for v in x],
+                          record.CMA_SIGMA: float(optimizer._sigma), record.CMA_POPSIZE: optimizer.population_size})
         for key, value in attrs.items():
-            study._storage.set_trial_system_attr(trial._trial_id, KEY + key, value)
+            study._storage.set_trial_system_attr(trial._trial_id, key, value)
         return params
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution) -> Any:
         # Only reached for parameters outside the relative space; recorded so it cannot go unnoticed.
-        study._storage.set_trial_system_attr(trial._trial_id, KEY + "independent:" + param_name, True)
+        study._storage.set_trial_system_attr(trial._trial_id, record.INDEPENDENT_PREFIX + param_name, True)
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
     # -------------------------------------------------------------- CMA-ES per method
@@ -168,12 +168,12 @@ class MethodwiseCmaEs(BaseSampler):
         (optimizer, current generation, candidates already assigned to it)."""
         optimizer = self.new_optimizer(method)
         popsize = optimizer.population_size
-        mine = [t for t in history if t.system_attrs.get(KEY + "method") == method
-                and KEY + "cma_generation" in t.system_attrs]
+        mine = [t for t in history if t.system_attrs.get(PROPOSED_METHOD) == method
+                and record.CMA_GENERATION in t.system_attrs]
         retried = retried_numbers(history)
         generation = 0
         while True:
-            members = [t for t in mine if t.system_attrs[KEY + "cma_generation"] == generation]
+            members = [t for t in mine if t.system_attrs[record.CMA_GENERATION] == generation]
             finished = [t for t in members if t.state.is_finished() and not is_interrupted(t, retried)]
             if len(finished) < popsize:
                 return optimizer, generation, len(members)
@@ -185,7 +185,7 @@ class MethodwiseCmaEs(BaseSampler):
             # Failed candidates rank below the worst finished one of their own generation
             # (decided from that generation alone, so replays never change).
             penalty = (max(known) + (max(known) - min(known)) + 1.0) if known else 0.0
-            optimizer.tell([(np.array(t.system_attrs[KEY + "cma_x"]), v if v is not None else penalty)
+            optimizer.tell([(np.array(t.system_attrs[CMA_X]), v if v is not None else penalty)
                             for t, v in zip(chosen, losses)])
             generation += 1
 
@@ -197,7 +197,7 @@ class MethodwiseCmaEs(BaseSampler):
         best: dict[str, float] = {}
         retried = retried_numbers(history)
         for t in history:
-            method = t.system_attrs.get(KEY + "method")
+            method = t.system_attrs.get(PROPOSED_METHOD)
             if method not in assigned or is_interrupted(t, retried):
                 continue
             assigned[method] += 1

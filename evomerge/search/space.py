@@ -1,9 +1,11 @@
 """The search space (space.yaml): what is searched, how candidates are scored, how the study runs.
 
 A space turns numbers into recipes: `SearchSpace.dimensions(method)` lists the continuous
-dimensions of one method (named `method.model.param.filter.point`), and
-`SearchSpace.recipe(method, values)` builds the mergekit recipe those values mean. Samplers only
-ever see named numbers in [low, high]; the engine only ever sees recipes.
+dimensions of one method (named by `trials.dimension_name`), and `SearchSpace.recipe(method,
+values)` builds the mergekit recipe those values mean. Samplers only ever see named numbers in
+[low, high]; the engine only ever sees recipes. What is searched, in what range and with what
+constraints is the methods' own knowledge (`Param.search`, `MergeMethod.constrain`): the space
+asks the registry and never names a method.
 """
 
 from __future__ import annotations
@@ -18,24 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import SpaceError
+from evomerge.evaluation import METRICS, TASKS, TaskRequest
 from evomerge.methods import registry
-from evomerge.methods.registry import BasePolicy, Scope
+from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
 from evomerge.recipe import Recipe, format_validation_error
-
-# Parameters worth searching, with default ranges; anything else keeps the method's default.
-DEFAULT_RANGES: dict[str, tuple[float, float, bool]] = {  # name -> (low, high, log scale)
-    "weight": (0.0, 1.0, False),
-    "density": (0.1, 1.0, False),
-    "lambda": (0.5, 1.5, False),
-    "t": (0.0, 1.0, False),
-    "gamma": (0.0, 0.1, False),
-    "epsilon": (0.05, 0.95, False),  # della: a fraction of the room density leaves, see _della_epsilon
-    "select_topk": (0.1, 1.0, False),
-    "r": (0.0, 0.5, False),
-    "alpha": (0.0, 0.5, False),
-}
-NEARSWAP_T = (1e-4, 1e-1, True)
-SAMPLERS = ("cmaes", "tpe", "random", "nsga2")
+from evomerge.trials import Dimension, dimension_name
 
 
 class _Strict(BaseModel):
@@ -61,9 +50,13 @@ class Range(_Strict):
         return self
 
 
+Task = Literal[TASKS]  # the evaluator's own lists: one home for the names
+Metric = Literal[METRICS]
+
+
 class TaskEntry(_Strict):
-    task: Literal["gsm8k", "mmlu", "humaneval"]
-    metric: Literal["accuracy", "gold_loglik"] = "gold_loglik"
+    task: Task
+    metric: Metric = "gold_loglik"
     weight: float = 1.0
     size: int = Field(32, ge=1)
     num_fewshot: int = Field(0, ge=0)
@@ -72,8 +65,8 @@ class TaskEntry(_Strict):
 
 
 class HeldoutEntry(_Strict):
-    task: Literal["gsm8k", "mmlu", "humaneval"]
-    metric: Literal["accuracy", "gold_loglik"] = "accuracy"
+    task: Task
+    metric: Metric = "accuracy"
     size: int = Field(32, ge=1)
     num_fewshot: int = Field(0, ge=0)
     max_gen_toks: Optional[int] = Field(None, ge=1)
@@ -99,6 +92,7 @@ class SpaceConfig(_Strict):
     models: list[Union[str, ModelEntry]] = Field(min_length=1)
     base_model: Optional[str] = None
     methods: Union[str, list[str]] = "task_arithmetic"
+    # Search ranges by parameter (`density`) or for one method's parameter (`nearswap.t`).
     parameters: dict[str, Range] = Field(default_factory=dict)
     layer_schedule: int = Field(1, ge=1, le=16)  # control points per parameter (1 = one global value)
     filters: bool = False  # separate schedules for self_attn and mlp weights
@@ -141,31 +135,41 @@ class SpaceConfig(_Strict):
         names = [m.name if isinstance(m, ModelEntry) else m for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: names must be unique, got {names}")
-        for name in self.parameters:
-            if name not in DEFAULT_RANGES and name != "nearswap_t":
-                raise ValueError(f"parameters.{name}: not a searchable parameter ({', '.join(DEFAULT_RANGES)})")
+        for key, bounds in self.parameters.items():
+            _check_range(key, bounds, self.methods)
         tasks = [t.task for t in self.tasks]
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks: each task once, got {tasks}")
-        if self.stacking is not None and self.methods != ["passthrough"]:
-            raise ValueError("stacking: layer stacking searches passthrough slices; set methods: passthrough")
-        if self.methods == ["passthrough"] and self.stacking is None:
-            raise ValueError("methods: passthrough is searched through stacking: give stacking: {slots, block}")
+        copying = [m for m in self.methods if registry.get(m).copies_one_input]
+        if self.stacking is not None and (len(self.methods) != 1 or not copying):
+            raise ValueError("stacking: layer stacking searches slices copied by one method; "
+                             f"set methods to one of {', '.join(_copying_methods())}")
+        if copying and self.stacking is None:
+            raise ValueError(f"methods: {copying[0]} copies one input and is searched through stacking: "
+                             "give stacking: {slots, block}")
         return self
 
 
-@dataclass(frozen=True)
-class Dimension:
-    """One searched number: its Optuna name, range, and where it goes in the recipe."""
+def _copying_methods() -> list[str]:
+    return [m for m in registry.names() if registry.get(m).copies_one_input]
 
-    name: str
-    low: float
-    high: float
-    log: bool
-    param: str
-    model: str | None  # None for shared parameters
-    filter: str | None  # self_attn | mlp | None (everything else)
-    point: int
+
+def _check_range(key: str, bounds: Range, methods: list[str]) -> None:
+    """A user's range names a searched parameter of a listed method and stays inside its bounds."""
+    method_name, _, param_name = key.rpartition(".")
+    owners = [method_name] if method_name else methods
+    if method_name and method_name not in methods:
+        raise ValueError(f"parameters.{key}: method '{method_name}' is not among methods {methods}")
+    params = [p for m in owners for p in registry.get(m).searched if p.name == param_name]
+    if not params:
+        searchable = sorted({p.name for m in methods for p in registry.get(m).searched})
+        raise ValueError(f"parameters.{key}: not a searchable parameter of {', '.join(owners)} "
+                         f"(searchable: {', '.join(searchable) or 'none'})")
+    for param in params:
+        for end in ("low", "high"):
+            problem = param.check(getattr(bounds, end)) if param.check else None
+            if problem:
+                raise ValueError(f"parameters.{key}.{end}: {problem}")
 
 
 class SearchSpace:
@@ -190,15 +194,13 @@ class SearchSpace:
             (m if isinstance(m, str) else m.path).startswith(DEMO_PREFIX) for m in config.models
         ) or (config.base_model or "").startswith(DEMO_PREFIX)
         for method in config.methods:
-            if method == "passthrough":
-                continue
             spec = registry.get(method)
+            if spec.copies_one_input:
+                continue  # stacking: one input per slice
             if spec.base is BasePolicy.REQUIRED and self.base is None:
                 raise SpaceError(f"{self._where}base_model: method '{method}' needs a base_model")
             uses_base = spec.base is not BasePolicy.IGNORED and self.base is not None
             count = len(self.models) + (1 if uses_base and self.base not in self.models.values() else 0)
-            if method == "slerp":
-                count = 2 if uses_base and len(self.non_base_models()) == 1 else count
             problem = spec.check_inputs(count, uses_base, "models")
             if problem:
                 raise SpaceError(f"{self._where}{problem}")
@@ -237,55 +239,73 @@ class SearchSpace:
     def methods(self) -> list[str]:
         return list(self.config.methods)
 
+    # ------------------------------------------------------------------ scoring
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.task for t in self.config.tasks]
+
+    @property
+    def objectives(self) -> int:
+        """How many values a trial reports: one per task (objective: multi), else one."""
+        return len(self.config.tasks) if self.config.objective == "multi" else 1
+
+    def task_requests(self, entries: list[TaskEntry | HeldoutEntry] | None = None) -> list[TaskRequest]:
+        """What the evaluator scores: the search tasks, or the given (held-out) entries."""
+        return [TaskRequest(t.task, t.metric, size=t.size, num_fewshot=t.num_fewshot,
+                            subjects=tuple(t.subjects) if getattr(t, "subjects", None) else None,
+                            max_gen_toks=t.max_gen_toks)
+                for t in (entries if entries is not None else self.config.tasks)]
+
+    def objective(self, scores: dict[str, float]) -> float | list[float]:
+        """A trial's value: the per-task scores (objective: multi) or their weighted mean."""
+        tasks = self.config.tasks
+        if self.config.objective == "multi":
+            return [scores[t.task] for t in tasks]
+        return sum(t.weight * scores[t.task] for t in tasks) / sum(t.weight for t in tasks)
+
     def non_base_models(self) -> list[str]:
         return [name for name, path in self.models.items() if path != self.base]
 
-    def inputs(self, method: str) -> list[str]:
-        """Model names taking part in a method's recipe (the base, when separate, is implicit)."""
-        return list(self.models)
-
-    def _range(self, param: str, method: str) -> tuple[float, float, bool]:
-        if method == "nearswap" and param == "t":
-            custom = self.config.parameters.get("nearswap_t")
-            return (custom.low, custom.high, custom.log) if custom else NEARSWAP_T
-        custom = self.config.parameters.get(param)
-        return (custom.low, custom.high, custom.log) if custom else DEFAULT_RANGES[param]
+    def _range(self, param: Param, method: str) -> tuple[float, float, bool]:
+        """The user's range for this method's parameter, else for the parameter, else the method's own."""
+        config = self.config.parameters
+        custom = config.get(f"{method}.{param.name}") or config.get(param.name)
+        if custom:
+            return custom.low, custom.high, custom.log
+        return param.search.low, param.search.high, param.search.log
 
     def dimensions(self, method: str) -> list[Dimension]:
         """The continuous dimensions of one method, in a fixed order."""
-        if method == "passthrough":
-            return self._stacking_dimensions()
         spec = registry.get(method)
+        if spec.copies_one_input:
+            return self._stacking_dimensions(method)
         filters = ("self_attn", "mlp", None) if self.config.filters else (None,)
         points = self.config.layer_schedule
         dims: list[Dimension] = []
-        for param in spec.params:
-            if param.name not in DEFAULT_RANGES or param.type is not float:
-                continue
-            if param.name == "density" and spec.options.get("sparsify", "n/a") is None:
-                continue  # task_arithmetic takes a density but never drops anything
-            low, high, log = self._range(param.name, method)
+        for param in spec.searched:
+            low, high, log = self._range(param, method)
             owners: list[str | None]
             if param.scope is Scope.SHARED:
                 owners = [None]
             else:
-                owners = [name for name in self.inputs(method) if not (
+                owners = [name for name in self.models if not (
                     param.scope is Scope.NON_BASE and self.models[name] == self.base)]
-            per_layer = param.name in ("weight", "density", "t", "gamma")
+            per_layer = param.search.per_layer
             for owner in owners:
                 for flt in (filters if per_layer else (None,)):
                     for point in range(points if per_layer else 1):
-                        name = ".".join([method, owner or "all", param.name, flt or "rest", str(point)])
+                        name = dimension_name(method, owner, param.name, flt, point)
                         dims.append(Dimension(name, low, high, log, param.name, owner, flt, point))
         return dims
 
-    def _stacking_dimensions(self) -> list[Dimension]:
-        stacking = self.config.stacking
+    def _stacking_dimensions(self, method: str) -> list[Dimension]:
         dims = []
-        for slot in range(stacking.slots):
+        for slot in range(self.config.stacking.slots):
             # which model fills the slot, and where its block starts (as a fraction of the room)
-            dims.append(Dimension(f"passthrough.slot{slot}.model", 0.0, 1.0, False, "model", None, None, slot))
-            dims.append(Dimension(f"passthrough.slot{slot}.start", 0.0, 1.0, False, "start", None, None, slot))
+            for role in ("model", "start"):
+                dims.append(Dimension(dimension_name(method, f"slot{slot}", role), 0.0, 1.0, False, role, None,
+                                      None, slot))
         return dims
 
     # ------------------------------------------------------------------ recipes
@@ -296,44 +316,40 @@ class SearchSpace:
         common = {"merge_method": method, "dtype": config.dtype}
         if config.out_dtype:
             common["out_dtype"] = config.out_dtype
-        if method == "passthrough":
-            return Recipe.from_dict({**common, "slices": self._stack_slices(values, model_layers or {})})
-        dims = self.dimensions(method)
-        settings: dict[tuple[str | None, str], dict] = {}
-        for dim in dims:
-            key = (dim.model, dim.param)
-            settings.setdefault(key, {}).setdefault(dim.filter, []).append(values[dim.name])
-        per_model: dict[str, dict[str, Any]] = {name: {} for name in self.inputs(method)}
-        shared: dict[str, Any] = {}
-        for (owner, param), by_filter in settings.items():
-            setting = _setting(by_filter)
-            (per_model[owner] if owner else shared)[param] = setting
-        if method in ("della", "della_linear"):
-            for name, params in per_model.items():
-                if "epsilon" in params:
-                    params["epsilon"] = _della_epsilon(params["epsilon"], params.get("density", 1.0))
-        if method == "slerp":
-            models = [{"model": self.base}, {"model": self.models[self.non_base_models()[0]]}]
-        else:
-            models = []
-            for name in self.inputs(method):
-                entry: dict[str, Any] = {"model": self.models[name]}
-                if per_model[name]:
-                    entry["parameters"] = per_model[name]
-                models.append(entry)
+        spec = registry.get(method)
+        if spec.copies_one_input:
+            return Recipe.from_dict({**common, "slices": self._stack_slices(method, values, model_layers or {})})
+        # owner (a model name, or None for shared) -> parameter -> filter -> control points
+        points: dict[str | None, dict[str, dict[str | None, list[float]]]] = {}
+        for dim in self.dimensions(method):
+            by_filter = points.setdefault(dim.model, {}).setdefault(dim.param, {})
+            by_filter.setdefault(dim.filter, []).append(values[dim.name])
+        if spec.constrain:
+            for owner, params in points.items():
+                _constrain(spec, params)
+        settings = {owner: {param: _setting(by_filter) for param, by_filter in params.items()}
+                    for owner, params in points.items()}
+        models = []
+        for name, path in self.models.items():
+            entry: dict[str, Any] = {"model": path}
+            if settings.get(name):
+                entry["parameters"] = settings[name]
+            models.append(entry)
+        shared = settings.get(None)
         recipe: dict[str, Any] = {**common, "models": models}
-        if registry.get(method).base is not BasePolicy.IGNORED and self.base:
+        if spec.base is not BasePolicy.IGNORED and self.base:
             recipe["base_model"] = self.base
         if shared:
             recipe["parameters"] = shared
         return Recipe.from_dict(recipe)
 
-    def _stack_slices(self, values: dict[str, float], model_layers: dict[str, int]) -> list[dict]:
+    def _stack_slices(self, method: str, values: dict[str, float], model_layers: dict[str, int]) -> list[dict]:
         stacking = self.config.stacking
         names = list(self.models)
         slices = []
         for slot in range(stacking.slots):
-            name = names[min(len(names) - 1, int(values[f"passthrough.slot{slot}.model"] * len(names)))]
+            pick, start = (values[dimension_name(method, f"slot{slot}", role)] for role in ("model", "start"))
+            name = names[min(len(names) - 1, int(pick * len(names)))]
             path = self.models[name]
             layers = model_layers.get(path)
             if layers is None:
@@ -341,7 +357,7 @@ class SearchSpace:
             room = layers - stacking.block
             if room < 0:
                 raise SpaceError(f"stacking.block: {stacking.block} layers, but model '{name}' has {layers}")
-            start = round(values[f"passthrough.slot{slot}.start"] * room)
+            start = round(start * room)
             slices.append({"sources": [{"model": path, "layer_range": [start, start + stacking.block]}]})
         return slices
 
@@ -364,15 +380,14 @@ def _setting(by_filter: dict[str | None, list[float]]) -> Any:
     return items
 
 
-def _della_epsilon(fraction: Any, density: Any) -> float:
-    """DELLA needs density ± epsilon inside (0, 1) at every layer: epsilon is searched as a
-    fraction of the smallest room any density value leaves."""
-    from evomerge.recipe import setting_leaves
-
-    fraction = fraction if isinstance(fraction, float) else list(setting_leaves(fraction))[0]
-    rooms = [min(d, 1 - d) for d in setting_leaves(density) if d < 1]
-    room = min(rooms) if rooms else 0.5
-    return round(max(1e-4, fraction * room * 0.999), 6)
+def _constrain(spec: MergeMethod, params: dict[str, dict[str | None, list[float]]]) -> None:
+    """Applies the method's cross-parameter constraints to one owner's control points, in place."""
+    flat = {param: [v for points in by_filter.values() for v in points] for param, by_filter in params.items()}
+    constrained = spec.constrain(flat)
+    for param, by_filter in params.items():
+        values = iter(constrained[param])
+        for flt, points in by_filter.items():
+            by_filter[flt] = [next(values) for _ in points]
 
 
 DEMO_PREFIX = "demo-family:"

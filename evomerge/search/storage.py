@@ -29,6 +29,7 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge import trials as record
 from evomerge.errors import EvomergeError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ warnings.filterwarnings("ignore", message=r".*(heartbeat_interval|fail_stale_tri
 
 HEARTBEAT_INTERVAL = 5  # seconds
 GRACE_PERIOD = 30  # seconds without a heartbeat before a remote trial counts as dead
-WORKER_KEY = "evomerge:worker"
 # Trials that hold (or will hold) a place in the budget.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -56,10 +56,10 @@ def default_storage(results: Path) -> str:
 
 def requeue_once(study: optuna.Study, trial: FrozenTrial) -> None:
     """A trial lost with its worker is tried again once, with the same parameters."""
-    if trial.user_attrs.get("retry_of") is not None:
+    if record.TrialRecord.of(trial).retry_of is not None:
         log.warning("trial %d was itself a retry; not re-queued again", trial.number)
         return
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    study.enqueue_trial(trial.params, user_attrs=record.user_attrs(retry_of=trial.number), skip_if_exists=False)
     log.warning("trial %d lost its worker: failed and re-queued once", trial.number)
 
 
@@ -92,11 +92,11 @@ def open_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
             if racing and attempt + 1 < attempts:
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            raise EvomergeError(f"cannot open the study storage {_redacted(url)}: {' '.join(str(exc).split()[:40])}") from exc
+            raise EvomergeError(f"cannot open the study storage {redacted(url)}: {' '.join(str(exc).split()[:40])}") from exc
     raise AssertionError("unreachable")
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """The URL without its password, for messages and logs."""
     from sqlalchemy.engine import make_url
 
@@ -113,7 +113,7 @@ def recover_dead_trials(study: optuna.Study) -> int:
     recovered = 0
     now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.system_attrs.get(WORKER_KEY)
+        owner = trial.system_attrs.get(record.WORKER)
         if not owner:
             # A worker writes its name within milliseconds of asking; a trial still without one
             # after the grace period lost its worker in between (and never beat).
@@ -125,8 +125,7 @@ def recover_dead_trials(study: optuna.Study) -> int:
             if owner_host != host or _alive(int(pid), int(started)):
                 continue
         try:
-            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker process died")
+            record.write_to_storage(study._storage, trial._trial_id, interrupted=True, fail_reason="worker process died")
             if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                 requeue_once(study, trial)
                 recovered += 1
@@ -209,22 +208,11 @@ def admit(study: optuna.Study, lock: AdmissionLock, n_trials: int | None) -> opt
                 if not waiting:
                     return None
         trial = study.ask()
-        study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, worker_id())
+        study._storage.set_trial_system_attr(trial._trial_id, record.WORKER, worker_id())
         study._storage.record_heartbeat(trial._trial_id)
         return trial
 
 
 def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
-def wait_for_others(study: optuna.Study, poll: float = 2.0, limit: float = 3600.0) -> None:
-    """Blocks while other workers still run trials (used before writing final results)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        recover_dead_trials(study)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-        if not running:
-            return
-        time.sleep(poll)
 

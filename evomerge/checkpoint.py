@@ -58,6 +58,13 @@ class SourceModel:
                 raise CheckpointError(f"model '{self.ref}': cannot read its config: {_one_line(exc)}") from None
         return self._config
 
+    @property
+    def num_layers(self) -> int:
+        layers = getattr(self.config, "num_hidden_layers", None)
+        if not isinstance(layers, int):
+            raise CheckpointError(f"model '{self.ref}': config has no num_hidden_layers")
+        return layers
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]] | None:
         """Names and shapes from the safetensors headers (no data read); None for other kinds."""
         if self.kind != "safetensors":

@@ -1,4 +1,5 @@
-"""Device and dtype selection, and how much memory is left to spend."""
+"""Device and dtype selection, and how much memory is left to spend: shared by the engine and the
+evaluator (which know nothing of each other). The one table of dtype names lives here."""
 
 from __future__ import annotations
 
@@ -38,11 +39,6 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvomergeError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
-
-
-def compute_dtype(storage: torch.dtype) -> torch.dtype:
-    """Merge arithmetic runs in float32 (float64 stays float64): half precision loses the small deltas."""
-    return torch.float64 if storage == torch.float64 else torch.float32
 
 
 def available_bytes(device: torch.device) -> int:
