@@ -17,10 +17,11 @@ log = logging.getLogger("evomerge")
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.demo.family import resolve_members
     from evomerge.engine import merge_to_checkpoint
     from evomerge.recipe import Recipe
 
-    recipe = Recipe.load(args.recipe)
+    recipe = resolve_members(Recipe.load(args.recipe), device=args.device, progress=not args.quiet)
     for unknown in recipe.unknown_parameters():
         log.warning("%s: not a parameter of %s; ignored (as mergekit does)", unknown, recipe.merge_method)
     out = merge_to_checkpoint(
@@ -85,7 +86,7 @@ def _cmd_demo_family(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from evomerge.search import SearchSpace, dry_run, run_search, run_worker, run_workers
+    from evomerge.search import SearchJob, SearchSpace, dry_run, run, run_worker
 
     space = SearchSpace.load(args.space)
     if args.dry_run:
@@ -97,13 +98,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
               "timeout": args.timeout, "device": args.device, "results_root": args.results}
     if args.worker:
         return run_worker(space, **common)
-    if args.workers > 1:
-        summary = run_workers(space, args.space, args.workers, heldout=not args.no_heldout,
-                              progress=not args.quiet, **common)
-    else:
-        summary = run_search(space, heldout=not args.no_heldout, progress=not args.quiet, **common)
+    summary = run(SearchJob(space, heldout=not args.no_heldout, progress=not args.quiet, workers=args.workers,
+                            space_file=args.space, **common))
     _print_summary(summary)
-    return 130 if summary.get("this_run", {}).get("interrupted") else 0
+    this_run = summary.get("this_run", {})
+    return 130 if this_run.get("interrupted") else 1 if this_run.get("stopped") else 0
 
 
 def _print_summary(summary: dict) -> None:
@@ -119,6 +118,8 @@ def _print_summary(summary: dict) -> None:
         for metric, beats in held["winner_beats_all_sources"].items():
             print(f"held-out: on combined {metric} the winner {'beats' if beats else 'does not beat'} every source "
                   f"model ({held['rows']['winner']['combined'][metric]:.4f})")
+    if summary.get("this_run", {}).get("stopped"):
+        print(f"stopped early: {summary['this_run']['stopped']}")
     if summary.get("heldout_skipped"):
         print(f"held-out: skipped ({summary['heldout_skipped']})")
 

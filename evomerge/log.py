@@ -8,12 +8,24 @@ import os
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+class _BarFriendlyHandler(logging.StreamHandler):
+    """Console lines written through tqdm, so they print above a progress bar instead of tearing it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = None) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if log_file else level)
     if not any(getattr(h, "_evomerge", False) for h in root.handlers):
-        console = logging.StreamHandler()
+        console = _BarFriendlyHandler()
         console.setLevel(level)
         console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         console._evomerge = True  # type: ignore[attr-defined]

@@ -257,6 +257,17 @@ class Recipe(_Strict):
                 seen.setdefault(source.model, None)
         return list(seen)
 
+    def with_models(self, mapping: dict[str, str]) -> "Recipe":
+        """The same recipe with model references replaced (`mapping`: old -> new; others kept)."""
+        data = self.to_dict()
+        rename = lambda ref: mapping.get(ref, ref)  # noqa: E731
+        for holder in [data, *data.get("models", []), *data.get("slices", []),
+                       *(s for out in data.get("slices", []) for s in out["sources"])]:
+            for key in ("model", "base_model", "tokenizer_source"):
+                if isinstance(holder.get(key), str):
+                    holder[key] = rename(holder[key])
+        return Recipe.from_dict(data)
+
     # ----------------------------------------------------------------- YAML
 
     @classmethod

@@ -114,3 +114,28 @@ def test_trial_record_keys_are_spelled_in_one_module():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"evomerge:\w+:?", node.value):
                 spelled.append(f"{file.relative_to(REPO)}:{node.lineno} {node.value!r}")
     assert spelled == []
+
+
+# What the repository ships must run for its reader: no folder of the machine it was made on.
+MACHINE_PATH = re.compile(r"(?<![\w.])(/tmp/|/home/|/root/|/work/|/Users/|[A-Z]:\\\\)")
+
+
+def test_shipped_files_name_no_machine_paths():
+    shipped = [REPO / "README.md", *(REPO / "docs").rglob("*.md"), *(REPO / "search_spaces").glob("*.yaml"),
+               *(p for p in (REPO / "results").rglob("*") if p.suffix in (".yaml", ".csv", ".json", ".md"))]
+    found = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in shipped
+             for m in MACHINE_PATH.finditer(p.read_text(encoding="utf-8"))]
+    assert found == []
+
+
+def test_shipped_demo_recipe_names_the_family_and_resolves_on_any_machine(tmp_path, monkeypatch):
+    from evomerge.demo.family import is_member_ref, member_path
+    from evomerge.recipe import Recipe
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = Recipe.load(REPO / "results" / "demo" / "best.yaml")
+    refs = recipe.referenced_models()
+    assert refs and all(map(is_member_ref, refs))
+    resolved = recipe.with_models({ref: member_path(ref) for ref in refs})
+    assert all(Path(ref).is_relative_to(tmp_path / "cache") for ref in resolved.referenced_models())
+    assert resolved.to_dict()["models"][0]["parameters"] == recipe.to_dict()["models"][0]["parameters"]

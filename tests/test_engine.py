@@ -130,6 +130,30 @@ def test_nan_weights_fail_the_merge_with_the_tensor_name(tiny_engine, tiny_famil
         tiny_engine.materialize(recipe)
 
 
+def test_a_method_bug_is_not_a_bad_candidate(tiny_engine, tiny_family, monkeypatch):
+    """A ValueError from a method fails the candidate (MergeFailure); any other exception is a bug
+    and reaches the caller as itself, traceback and all."""
+    from dataclasses import replace
+
+    from evomerge.errors import MergeFailure
+    from evomerge.methods import registry
+
+    recipe = Recipe.from_yaml(_fmt(TIES, tiny_family))
+    ties = registry.get("ties")
+
+    def failing(exc):
+        def fn(inputs, **params):
+            raise exc
+        return fn
+
+    monkeypatch.setitem(registry._REGISTRY, "ties", replace(ties, fn=failing(ValueError("density too low"))))
+    with pytest.raises(MergeFailure, match="ties failed on tensor .*: density too low"):
+        tiny_engine.materialize(recipe)
+    monkeypatch.setitem(registry._REGISTRY, "ties", replace(ties, fn=failing(KeyError("oops"))))
+    with pytest.raises(KeyError, match="oops"):
+        tiny_engine.materialize(recipe)
+
+
 def test_sharded_safetensors_and_hub_cache_ids(tiny_family, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

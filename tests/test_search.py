@@ -134,6 +134,16 @@ def test_dry_run_prints_recipes_without_models(tmp_path):
         assert len(recipes) == 2 and all(isinstance(r, Recipe) for r in recipes)
 
 
+def test_dry_run_reads_layer_counts_through_the_checkpoint_code(tiny_family, tmp_path):
+    """Stacking needs each source's layer count; a dry run reads it from the config the engine would
+    read (a local dir here; GGUF headers and cached hub ids go through the same `locate`)."""
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods="passthrough",
+                                         stacking={"slots": 3, "block": 2}))
+    for recipe in dry_run(space, 4):
+        ranges = [s.sources[0].layer_range for s in recipe.slices]
+        assert len(ranges) == 3 and all(0 <= lo < hi <= 4 and hi - lo == 2 for lo, hi in ranges)
+
+
 # ----------------------------------------------------------------------------- CMA-ES provenance
 
 
@@ -245,6 +255,50 @@ def test_a_nan_candidate_fails_alone(tiny_family, tmp_path, monkeypatch):
     study = optuna.load_study(study_name="tiny", storage=summary["storage"])
     failed = study.get_trials(states=(TrialState.FAIL,))[0]
     assert failed.number == 1 and "NaN/inf" in failed.user_attrs["fail_reason"]
+
+
+def test_failed_trials_in_a_row_stop_the_search_with_their_reasons(tiny_family, tmp_path, monkeypatch):
+    """Every candidate fails (zero-sum weights): the search stops after MAX_CONSECUTIVE_FAILURES
+    instead of failing trials forever, says why, and still writes its results folder."""
+    from evomerge.search import runner
+
+    def recipe_for(self, trial):
+        return Recipe.from_dict({"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": tiny_family["ft_math"], "parameters": {"weight": 1.0}},
+            {"model": tiny_family["ft_code"], "parameters": {"weight": -1.0}}]})
+
+    monkeypatch.setattr(runner.Searcher, "recipe_for", recipe_for)
+    monkeypatch.setattr(runner, "MAX_CONSECUTIVE_FAILURES", 3)
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=20, pruning={"enabled": False}))
+    summary = run_search(space, heldout=False, progress=False)
+    assert summary["trials"]["FAIL"] == 3 and summary["trials"]["COMPLETE"] == 0
+    assert summary["this_run"]["stopped"].startswith("3 trials in a row failed; linear produced NaN/inf")
+    assert (tmp_path / "results" / "tiny" / "summary.json").exists()
+
+
+def test_a_bug_stops_the_search_with_its_traceback(tiny_family, tmp_path, monkeypatch):
+    """An exception no candidate can cause is a bug: its trial fails with the reason, and the search
+    stops by raising it (it is not scored as a bad candidate and retried forever)."""
+    from evomerge.search import runner
+
+    def broken(self, model, part=None):
+        raise KeyError("a bug in the evaluator")
+
+    monkeypatch.setattr(runner.Searcher, "_score", broken)
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=5))
+    with pytest.raises(KeyError, match="a bug in the evaluator"):
+        run_search(space, heldout=False, progress=False)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/results/tiny/study.db")
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert len(study.trials) == 1 and failed.user_attrs["fail_reason"].startswith("KeyError")
+
+
+def test_the_search_shows_one_bar_and_no_evaluation_bars(tiny_family, tmp_path, capsys):
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False}))
+    run_search(space, heldout=False, progress=True)
+    err = capsys.readouterr().err
+    assert "search:" in err and "best=" in err  # the search's bar, with the best score so far
+    assert "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err
 
 
 def test_multi_objective_search_draws_a_pareto_front(tiny_family, tmp_path):

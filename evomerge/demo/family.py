@@ -227,6 +227,39 @@ def member_dir(spec: Specialist, recipe: FamilyRecipe, root: Path | None = None)
     return (Path(root) if root else family_dir()) / f"{spec.name}-{member_digest(spec, recipe)}"
 
 
+# A model reference that names a member of the demo family, valid on any machine: `demo-family:math`.
+DEMO_PREFIX = "demo-family:"
+
+
+def is_member_ref(ref: str) -> bool:
+    return ref.startswith(DEMO_PREFIX)
+
+
+def member_path(ref: str) -> str:
+    """Where the demo family keeps the member `ref` names (built on first use by its caller, not here)."""
+    from evomerge.demo.smollm2 import base_dir
+    from evomerge.errors import CheckpointError
+
+    member = ref.removeprefix(DEMO_PREFIX)
+    if member == "base":
+        return str(base_dir())
+    recipe = FamilyRecipe()
+    specs = {s.name: s for s in recipe.specialists}
+    if member not in specs:
+        raise CheckpointError(f"{ref}: the demo family has base, {', '.join(specs)}")
+    return str(member_dir(specs[member], recipe))
+
+
+def resolve_members(recipe, *, device: str = "auto", progress: bool = True):
+    """The recipe with its `demo-family:` references replaced by the members' paths (the family is
+    built first when it is not yet)."""
+    refs = [ref for ref in recipe.referenced_models() if is_member_ref(ref)]
+    if not refs:
+        return recipe
+    build_family(device=device, progress=progress)
+    return recipe.with_models({ref: member_path(ref) for ref in refs})
+
+
 def build_family(output: Path | None = None, *, recipe: FamilyRecipe = FamilyRecipe(), device: str = "auto",
                  progress: bool = True, base_dir: Path | None = None) -> Family:
     """Builds (or reuses) the family; returns its member paths and manifest."""

@@ -9,6 +9,7 @@ engine hands over a different object, e.g. a different layer count). The search 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -215,7 +216,7 @@ class Evaluator:
                 subset[name] = list(range(lo, max(hi, lo)))
             if not any(subset.values()):
                 return Scores({r.task: math.nan for r in self.requests}, {}, 0.0, {r.task: 0 for r in self.requests})
-        with torch.inference_mode():
+        with torch.inference_mode(), _bars(self.progress):
             output = simple_evaluate(
                 model=self.lm(model),
                 tasks=[self._tasks[name] for name in tasks],
@@ -248,6 +249,18 @@ class Evaluator:
                 details[r.task] = [float(s[r.primary]) for s in samples]
         samples = {r.task: output["samples"][r.lm_eval_task] for r in self.requests} if per_item else {}
         return Scores(scores, results, time.perf_counter() - start, items, details, samples)
+
+
+@contextlib.contextmanager
+def _bars(shown: bool):
+    """lm-eval opens several progress bars per call (contexts, tokenizing, requests) and passes
+    `disable` itself; inside a search they would bury its one bar, so unless asked for they go to
+    the null device. Bars and log handlers made before keep their own stream; errors still raise."""
+    if shown:
+        yield
+        return
+    with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
+        yield
 
 
 def _position(fraction: float, n: int) -> int:

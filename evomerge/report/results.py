@@ -57,15 +57,17 @@ def ranked(study: optuna.Study) -> list[TrialRecord]:
 
 
 def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[str],
-                  heldout: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Writes everything but the held-out evaluation (passed in when it was run)."""
+                  heldout: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                  rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """Writes everything but the held-out evaluation (passed in when it was run). `rename` maps model
+    paths to the names recipes are written with (the demo family's members)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
     best = best_trial(study)
     if best is not None:
-        Recipe.from_yaml(best.recipe).save(results_dir / "best.yaml")
-    _leaderboard(study, results_dir, task_names)
+        Recipe.from_yaml(best.recipe).with_models(rename or {}).save(results_dir / "best.yaml")
+    _leaderboard(study, results_dir, task_names, rename or {})
     plots.history(study, results_dir / "history.png")
     plots.task_scores(study, task_names, results_dir / "tasks.png")
     plots.importances(study, results_dir / "importances.png")
@@ -104,14 +106,15 @@ def pruning_savings(study: optuna.Study) -> dict[str, Any]:
             "evaluation_saved_fraction": round(1 - spent / len(trials), 3) if trials else 0.0}
 
 
-def _leaderboard(study: optuna.Study, results_dir: Path, task_names: list[str]) -> None:
+def _leaderboard(study: optuna.Study, results_dir: Path, task_names: list[str], rename: dict[str, str]) -> None:
     rows = ranked(study)
     with open(results_dir / "leaderboard.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["rank", "trial", "score", "method", *task_names, "seconds", "recipe"])
         for rank, r in enumerate(rows, 1):
             writer.writerow([rank, r.number, f"{r.score:.6f}", r.method,
-                             *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names), r.seconds, r.recipe])
+                             *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names), r.seconds,
+                             Recipe.from_yaml(r.recipe).with_models(rename).to_yaml() if rename else r.recipe])
     header = ["rank", "trial", "score", "method", *task_names, "parameters"]
     table = []
     for rank, r in enumerate(rows[:20], 1):

@@ -3,8 +3,8 @@
     trials (this process, N local workers, or one worker of a shared study)
       -> best trial -> held-out scores of the winner and the sources -> results folder
 
-`run` is that pipeline; `run_search`, `run_workers`, `run_worker` and `write_report` are its
-entry points for the CLI and the tests.
+`run(SearchJob)` is that pipeline; `run_worker` (trials only) and `write_report` (a finished study)
+are its other entry points.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import optuna
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
+from evomerge.search import storage as store
 from evomerge.search.heldout import evaluate_heldout
 from evomerge.search.runner import Searcher
 from evomerge.search.space import SearchSpace
@@ -29,7 +30,7 @@ from evomerge.trials import study_task_names
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchJob", "SearchSpace", "Searcher", "run", "run_search", "run_workers", "run_worker", "dry_run",
+__all__ = ["SearchJob", "SearchSpace", "Searcher", "run", "run_search", "run_worker", "dry_run",
            "evaluate_heldout", "write_report", "worker_environment"]
 
 
@@ -69,7 +70,7 @@ def run(job: SearchJob) -> dict[str, Any]:
                     "interrupted": outcome.interrupted}
         if outcome.stopped:
             this_run["stopped"] = outcome.stopped
-    extra = {"storage": searcher.storage_url, "this_run": this_run}
+    extra = {"storage": store.shown(searcher.storage_url), "this_run": this_run}
     heldout = job.heldout and not this_run.get("interrupted")
     if job.heldout and this_run.get("interrupted"):
         extra["heldout_skipped"] = "interrupted; rerun the same command to resume and finish"
@@ -89,17 +90,12 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
         held = evaluate_heldout(searcher.space, searcher.engine, searcher.evaluator.tokenizer,
                                 Recipe.from_yaml(best.recipe))
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
-                         extra=extra)
+                         extra=extra, rename=searcher.space.portable_refs)
 
 
 def run_search(space: SearchSpace, **options: Any) -> dict[str, Any]:
     """The search in this process (see `SearchJob` for the options)."""
     return run(SearchJob(space, **options))
-
-
-def run_workers(space: SearchSpace, space_file: str, workers: int, **options: Any) -> dict[str, Any]:
-    """`--workers N`: N local worker processes on one study (one per GPU when there are several)."""
-    return run(SearchJob(space, workers=workers, space_file=str(space_file), **options))
 
 
 def run_worker(space: SearchSpace, **options: Any) -> int:
@@ -128,7 +124,6 @@ def _run_local_workers(job: SearchJob, searcher: Searcher) -> tuple[optuna.Study
     import torch
     from tqdm.auto import tqdm
 
-    from evomerge.search import storage as store
 
     study = searcher.open_study()  # created once, before the workers race for it
     gpus = torch.cuda.device_count()
@@ -139,7 +134,7 @@ def _run_local_workers(job: SearchJob, searcher: Searcher) -> tuple[optuna.Study
         if value is not None:
             command += [flag, str(value)]
     processes = [subprocess.Popen(command, env=worker_environment(i, job.workers, gpus)) for i in range(job.workers)]
-    log.info("started %d workers on study '%s' (%s)", job.workers, searcher.study_name, searcher.storage_url)
+    log.info("started %d workers on study '%s' (%s)", job.workers, searcher.study_name, store.shown(searcher.storage_url))
     budget = job.n_trials or job.space.config.n_trials
     started = time.monotonic()
     with tqdm(total=budget, desc=f"search ({job.workers} workers)", unit="trial", disable=not job.progress) as bar:
@@ -158,7 +153,6 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
     """`evomerge report`: the results folder of any study, from its database alone; with the
     study's search space (and its models on this machine), the held-out table too."""
     from evomerge.report.results import write_results
-    from evomerge.search import storage as store
 
     storage = store.normalize_url(storage)
     try:
@@ -167,10 +161,10 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
         raise EvomergeError(f"no study '{study_name}' in {store.redacted(storage)}") from None
     if heldout_space is None:
         return write_results(study, Path(results_root) / study_name, task_names=study_task_names(study),
-                             extra={"storage": storage})
+                             extra={"storage": store.shown(storage)})
     searcher = Searcher(heldout_space, storage=storage, study_name=study_name, results_root=results_root)
     searcher.open_study()  # refuses a space other than the study's
-    return _finish(searcher, study, heldout=True, extra={"storage": storage})
+    return _finish(searcher, study, heldout=True, extra={"storage": store.shown(storage)})
 
 
 def dry_run(space: SearchSpace, count: int = 3) -> list[Recipe]:

@@ -68,7 +68,6 @@ class CandidateFailed(Exception):
 @dataclass
 class SearchOutcome:
     study: optuna.Study
-    results_dir: Path
     trials_run: int = 0
     interrupted: bool = False
     seconds: float = 0.0
@@ -121,7 +120,7 @@ class Searcher:
             study.set_user_attr(record.STUDY_MODELS, self.space.models)
         elif existing != fingerprint:
             raise SpaceError(
-                f"study '{self.study_name}' in {self.storage_url} was created from a different search space "
+                f"study '{self.study_name}' in {store.shown(self.storage_url)} was created from a different search space "
                 f"(models, methods, tasks or seed changed); use another --study-name or results folder"
             )
         return study
@@ -211,9 +210,9 @@ class Searcher:
         if recovered:
             log.info("recovered %d trial(s) of dead workers (re-queued)", recovered)
         done_before = store.finished_count(study)
-        log.info("study '%s' in %s: %d finished trials so far, budget %s", self.study_name, self.storage_url,
+        log.info("study '%s' in %s: %d finished trials so far, budget %s", self.study_name, store.shown(self.storage_url),
                  done_before, n_trials if n_trials is not None else "unbounded")
-        outcome = SearchOutcome(study, self.results_dir)
+        outcome = SearchOutcome(study)
         if self.engine is None:
             self.load()
         lock = store.AdmissionLock(self.storage_url, self.study_name)
@@ -258,7 +257,7 @@ class Searcher:
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial) -> tuple[TrialState, str | None]:
         """Runs one trial to a final state; returns (state, a failure's reason or None). A bug (any
         exception a candidate cannot cause) fails the trial, then propagates with its traceback."""
-        log.info("trial %d: evaluating", trial.number)
+        log.debug("trial %d: evaluating", trial.number)
         with store.Heartbeat(study._storage, trial._trial_id):
             try:
                 value = self.evaluate_trial(trial)

@@ -19,7 +19,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import SpaceError
+from evomerge.demo.family import is_member_ref, member_path
+from evomerge.errors import EvomergeError, SpaceError
 from evomerge.evaluation import METRICS, TASKS, TaskRequest
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
@@ -142,16 +143,12 @@ class SpaceConfig(_Strict):
             raise ValueError(f"tasks: each task once, got {tasks}")
         copying = [m for m in self.methods if registry.get(m).copies_one_input]
         if self.stacking is not None and (len(self.methods) != 1 or not copying):
-            raise ValueError("stacking: layer stacking searches slices copied by one method; "
-                             f"set methods to one of {', '.join(_copying_methods())}")
+            raise ValueError("stacking: layer stacking searches slices that one method copies; "
+                             f"set methods to one of {[m for m in registry.names() if registry.get(m).copies_one_input]}")
         if copying and self.stacking is None:
             raise ValueError(f"methods: {copying[0]} copies one input and is searched through stacking: "
                              "give stacking: {slots, block}")
         return self
-
-
-def _copying_methods() -> list[str]:
-    return [m for m in registry.names() if registry.get(m).copies_one_input]
 
 
 def _check_range(key: str, bounds: Range, methods: list[str]) -> None:
@@ -180,19 +177,20 @@ class SearchSpace:
         self.source = source
         here = source.parent if source else Path.cwd()
         self.models: dict[str, str] = {}
-        for entry in config.models:
-            name, path = (entry.name, entry.path) if isinstance(entry, ModelEntry) else (Path(entry).name, entry)
-            self.models[name] = _resolve(path, here)
-        base = config.base_model
-        if base is not None:
+        try:
+            for entry in config.models:
+                name, path = (entry.name, entry.path) if isinstance(entry, ModelEntry) else (Path(entry).name, entry)
+                self.models[name] = _resolve(path, here)
+            base = config.base_model
             # base_model may name an entry of `models` or be a path of its own
-            self.base = self.models[base] if base in self.models else _resolve(base, here)
-        else:
-            self.base = None
+            self.base = None if base is None else self.models[base] if base in self.models else _resolve(base, here)
+        except EvomergeError as exc:
+            raise SpaceError(f"{self._where}{exc}") from None
         self.name = config.name or (source.stem if source else "study")
-        self.uses_demo_family = any(
-            (m if isinstance(m, str) else m.path).startswith(DEMO_PREFIX) for m in config.models
-        ) or (config.base_model or "").startswith(DEMO_PREFIX)
+        refs = [m if isinstance(m, str) else m.path for m in config.models] + [config.base_model or ""]
+        self.uses_demo_family = any(map(is_member_ref, refs))
+        # Demo-family members by name in what a search writes: their cache paths mean nothing elsewhere.
+        self.portable_refs = {member_path(ref): ref for ref in refs if is_member_ref(ref)}
         for method in config.methods:
             spec = registry.get(method)
             if spec.copies_one_input:
@@ -263,9 +261,6 @@ class SearchSpace:
         if self.config.objective == "multi":
             return [scores[t.task] for t in tasks]
         return sum(t.weight * scores[t.task] for t in tasks) / sum(t.weight for t in tasks)
-
-    def non_base_models(self) -> list[str]:
-        return [name for name, path in self.models.items() if path != self.base]
 
     def _range(self, param: Param, method: str) -> tuple[float, float, bool]:
         """The user's range for this method's parameter, else for the parameter, else the method's own."""
@@ -390,28 +385,11 @@ def _constrain(spec: MergeMethod, params: dict[str, dict[str | None, list[float]
             by_filter[flt] = [next(values) for _ in points]
 
 
-DEMO_PREFIX = "demo-family:"
-
-
-def demo_member_path(member: str) -> str:
-    """Where the demo family keeps a member (built on first use by the search, not here)."""
-    from evomerge.demo.family import FamilyRecipe, member_dir
-    from evomerge.demo.smollm2 import base_dir
-
-    if member == "base":
-        return str(base_dir())
-    recipe = FamilyRecipe()
-    specs = {s.name: s for s in recipe.specialists}
-    if member not in specs:
-        raise SpaceError(f"{DEMO_PREFIX}{member}: the demo family has base, {', '.join(specs)}")
-    return str(member_dir(specs[member], recipe))
-
-
 def _resolve(path: str, here: Path) -> str:
     """Relative model paths in space.yaml are relative to the file; hub ids stay as they are;
     `demo-family:<member>` names a member of the built-in demo family."""
-    if path.startswith(DEMO_PREFIX):
-        return demo_member_path(path[len(DEMO_PREFIX):])
+    if is_member_ref(path):
+        return member_path(path)
     candidate = (here / path).expanduser()
     if not Path(path).is_absolute() and candidate.exists():
         return str(candidate.resolve())

@@ -96,6 +96,15 @@ def open_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
+def shown(url: str) -> str:
+    """The URL as logs and results files show it: no password, and a SQLite file under the working
+    directory as a relative path (results shared from a checkout name no machine's folders)."""
+    path = Path(url.removeprefix("sqlite:///"))
+    if url.startswith("sqlite:///") and path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return "sqlite:///" + str(path.relative_to(Path.cwd()))
+    return redacted(url)
+
+
 def redacted(url: str) -> str:
     """The URL without its password, for messages and logs."""
     from sqlalchemy.engine import make_url
