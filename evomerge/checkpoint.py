@@ -161,8 +161,8 @@ class _open_safetensors:
         from safetensors import safe_open
 
         size = self.file.stat().st_size
-        end = _safetensors_data_end(self.file)
-        if end is not None and size < end:
+        end = _safetensors_data_end(self.file, self.ref)
+        if size < end:
             raise CheckpointError(
                 f"model '{self.ref}': {self.file.name} is truncated ({size} bytes, its header promises {end})"
             )
@@ -180,15 +180,30 @@ class _open_safetensors:
         return False
 
 
-def _safetensors_data_end(file: Path) -> int | None:
-    """Bytes a safetensors file must have according to its header."""
-    try:
-        with open(file, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
+def _safetensors_data_end(file: Path, ref: str) -> int:
+    """Bytes a safetensors file must have according to its header, which is checked first: a header
+    that is not a JSON object of tensors with integer data offsets is a corrupt file, named."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"model '{ref}': {file.name} is not a valid safetensors file: {why}")
+
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        if size < 8 or header_len > size - 8:
+            raise corrupt(f"its header length ({header_len} bytes) does not fit in the file ({size} bytes)")
+        try:
             header = json.loads(handle.read(header_len))
-    except (OSError, ValueError):
-        return None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except ValueError:
+            raise corrupt("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt(f"its header is a JSON {type(header).__name__}, not an object")
+    ends = []
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if name != "__metadata__" and not (isinstance(offsets, list) and len(offsets) == 2 and
+                                           all(isinstance(o, int) and o >= 0 for o in offsets)):
+            raise corrupt(f"tensor '{name}' has no valid data_offsets")
+        ends += [offsets[1]] if name != "__metadata__" else []
     return 8 + header_len + max(ends, default=0)
 
 

@@ -24,5 +24,9 @@ class ArchitectureMismatch(CheckpointError):
     """Source models cannot be merged with each other (other architecture, other shapes)."""
 
 
+class OutputError(EvomergeError):
+    """An output location cannot be written without losing something (a source, another file)."""
+
+
 class MergeFailure(EvomergeError):
     """A recipe was valid but its merge produced unusable weights (NaN/inf, numerical failure)."""

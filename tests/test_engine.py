@@ -225,8 +225,26 @@ def _bad_sources(family: dict[str, str], tmp: Path) -> dict[str, str]:
     state = load_file(missing / "model.safetensors")
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, missing / "model.safetensors", metadata={"format": "pt"})
+    corrupt = {}
+    for name, payload in (
+        ("random_bytes", bytes(range(256)) * 64),  # its "header length" is larger than the file
+        ("list_header", _header([["model.embed_tokens.weight", "F32"]])),
+        ("no_offsets", _header({"model.embed_tokens.weight": {"dtype": "F32", "shape": [384, 64]}})),
+    ):
+        folder = tmp / name
+        shutil.copytree(family["ft_math"], folder)
+        (folder / "model.safetensors").write_bytes(payload)
+        corrupt[name] = str(folder)
     return {"truncated": str(truncated), "wide": str(wide), "mistral": str(mistral), "pickled": str(pickled),
-            "missing": str(missing)}
+            "missing": str(missing), **corrupt}
+
+
+def _header(header) -> bytes:
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + b"\0" * 64
 
 
 BAD_RECIPES = [
@@ -250,6 +268,12 @@ BAD_RECIPES = [
      "has no tensor 'model.layers.1.mlp.up_proj.weight'"),
     ("no_such_model", "merge_method: linear\nmodels: [{{model: /nowhere/model, parameters: {{weight: 1}}}}]\n",
      "'/nowhere/model': no such directory"),
+    ("random_bytes", "merge_method: linear\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {random_bytes}, parameters: {{weight: 1}}}}]\n",
+     "model.safetensors is not a valid safetensors file: its header length"),
+    ("list_header", "merge_method: linear\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {list_header}, parameters: {{weight: 1}}}}]\n",
+     "model.safetensors is not a valid safetensors file: its header is a JSON list, not an object"),
+    ("no_offsets", "merge_method: linear\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {no_offsets}, parameters: {{weight: 1}}}}]\n",
+     "tensor 'model.embed_tokens.weight' has no valid data_offsets"),
 ]
 
 
@@ -267,6 +291,52 @@ def test_bad_input_is_one_line_naming_the_culprit(case, template, message, tiny_
     assert len(err) == 1 and err[0].startswith("evomerge: error: "), err
     assert message in err[0]
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def _fingerprint(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+LINEAR = "merge_method: linear\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {math}, parameters: {{weight: 1}}}}]\n"
+
+
+@pytest.mark.parametrize("where,message", [
+    ("source", "would overwrite source model"),  # OUT_DIR is a source's folder
+    ("inside_source", "would overwrite source model"),
+    ("holds_source", "would overwrite source model"),  # OUT_DIR contains a source
+    ("file", "is an existing file, not a folder"),
+    ("foreign", "exists and holds files that are not an earlier merge"),
+])
+def test_out_dir_never_loses_a_source_or_a_file(where, message, tmp_path, capsys):
+    from evomerge.demo.tiny import build_tiny_family
+
+    family = {k: str(v) for k, v in build_tiny_family(tmp_path / "family", seed=0).items()}
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("years of work")
+    (tmp_path / "a_file").write_text("keep me")
+    out = {"source": family["ft_math"], "inside_source": str(Path(family["ft_math"]) / "merged"),
+           "holds_source": str(tmp_path / "family"), "file": str(tmp_path / "a_file"), "foreign": str(foreign)}[where]
+    before = {p: _fingerprint(Path(p)) for p in (family["base"], family["ft_math"], str(foreign))}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LINEAR.format(base=family["base"], math=family["ft_math"]))
+    assert main(["merge", str(recipe), out, "--device", "cpu", "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge:")]
+    assert len(err) == 1 and message in err[0] and f"OUT_DIR {out}" in err[0], err
+    assert {p: _fingerprint(Path(p)) for p in before} == before
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_a_merge_replaces_an_earlier_merge_whole(tiny_family, tmp_path):
+    """An earlier output is replaced only once the new one is complete (written beside, then renamed)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LINEAR.format(base=tiny_family["base"], math=tiny_family["ft_math"]))
+    out = tmp_path / "merged"
+    assert main(["merge", str(recipe), str(out), "--device", "cpu", "-q"]) == 0
+    (out / "stale.txt").write_text("from the earlier merge")
+    assert main(["merge", str(recipe), str(out), "--device", "cpu", "-q"]) == 0
+    assert (out / "model.safetensors").exists() and not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []  # no scratch left
 
 
 def test_bad_input_prints_no_traceback(tiny_family, bad_sources, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.engine.engine import MergeEngine, MergeStats
-from evomerge.engine.export import save_checkpoint
+from evomerge.checkpoint import locate
+from evomerge.engine.export import check_output_dir, save_checkpoint
 from evomerge.recipe import Recipe
 
 __all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "save_checkpoint"]
@@ -21,6 +22,7 @@ def merge_to_checkpoint(
     progress: bool = True,
 ) -> Path:
     """`mergekit-yaml` equivalent: merge a recipe and write a Hugging Face checkpoint."""
+    check_output_dir(out_dir, [locate(ref, allow_bin=allow_bin).path for ref in recipe.referenced_models()])
     engine = MergeEngine(
         recipe.referenced_models(),
         base_model=recipe.base_model,

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from evomerge import __version__
 from evomerge.checkpoint import TOKENIZER_FILES, SourceModel
-from evomerge.errors import CheckpointError, RecipeError
+from evomerge.errors import CheckpointError, OutputError, RecipeError
+from evomerge.paths import atomic_directory
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,36 @@ using the **{recipe.merge_method}** method. The recipe below is a mergekit confi
 """
 
 
-def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    model.save_pretrained(out, safe_serialization=True)
-    save_tokenizer(recipe, sources, out)
-    recipe.save(out / "mergekit_config.yml")
-    (out / "README.md").write_text(model_card(recipe, out.name), encoding="utf-8")
-    log.info("wrote %s", out)
+def check_output_dir(out_dir: str | Path, sources: list[Path]) -> Path:
+    """Where a checkpoint may be written without losing anything: not a file, not a source model's
+    folder (nor inside one, nor holding one), and, when it exists, empty or an earlier merge's output."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"OUT_DIR {out_dir}: is an existing file, not a folder")
+    for source in sources:
+        source = Path(source).resolve()
+        if out == source or source in out.parents or out in source.parents:
+            raise OutputError(f"OUT_DIR {out_dir}: would overwrite source model {source}; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_MARKER).exists():
+        raise OutputError(f"OUT_DIR {out_dir}: exists and holds files that are not an earlier merge; "
+                          "choose a new folder")
     return out
+
+
+MERGE_MARKER = "mergekit_config.yml"  # every checkpoint evomerge (or mergekit) writes has one
+
+
+def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path) -> Path:
+    """Writes the checkpoint into a scratch folder beside OUT_DIR that replaces it only when complete:
+    an interrupted or failed write leaves OUT_DIR as it was."""
+    out = check_output_dir(out_dir, [s.path for s in sources.values()])
+    with atomic_directory(out) as scratch:
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        model.save_pretrained(scratch, safe_serialization=True)
+        save_tokenizer(recipe, sources, scratch)
+        recipe.save(scratch / MERGE_MARKER)
+        (scratch / "README.md").write_text(model_card(recipe, out.name), encoding="utf-8")
+    log.info("wrote %s", out)
+    return Path(out_dir)
