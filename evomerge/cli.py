@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
 from evomerge.evaluation import METRICS
+from evomerge.search.storage import STORAGE_ENV
 
 log = logging.getLogger("evomerge")
 
@@ -133,6 +135,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind):
+    """An argparse type: a number above zero (a budget of 0 or -5 trials is a typo, not a request)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -173,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="evolutionary search over merge recipes (resumable)")
     search.add_argument("space", help="search space YAML (see search_spaces/)")
-    search.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the results folder)")
+    search.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
+                        help=f"Optuna storage URL (default: ${STORAGE_ENV}, else SQLite in the results folder); "
+                             f"prefer ${STORAGE_ENV} for URLs with a password: arguments are visible to every user")
     search.add_argument("--study-name", default=None, help="default: the space's name")
-    search.add_argument("--n-trials", type=int, default=None, help="override the space's n_trials")
-    search.add_argument("--timeout", type=float, default=None, help="seconds; override the space's timeout")
+    search.add_argument("--n-trials", type=_positive(int), default=None, help="override the space's n_trials")
+    search.add_argument("--timeout", type=_positive(float), default=None, help="seconds; override the space's timeout")
     search.add_argument("--device", default=None, help="override the space's device")
     search.add_argument("--results", default=None, help="results root (default: the space's results_dir)")
     search.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
@@ -190,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=_cmd_search)
 
     report = sub.add_parser("report", help="write the results folder of a study from its database")
-    report.add_argument("--storage", required=True, help="Optuna storage URL")
+    report.add_argument("--storage", default=os.environ.get(STORAGE_ENV), required=STORAGE_ENV not in os.environ,
+                        help=f"Optuna storage URL (default: ${STORAGE_ENV})")
     report.add_argument("--study-name", required=True)
     report.add_argument("--results", default="results", help="results root")
     report.add_argument("--heldout", default=None, metavar="SPACE",

@@ -13,6 +13,7 @@ Precedence (highest first): the source's own parameters, the slice's, the recipe
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -36,6 +37,8 @@ def _is_scalar(value: Any) -> bool:
 
 def normalize_setting(value: Any) -> Any:
     """Checks the shape of a parameter setting and returns it as plain YAML data."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
     if _is_scalar(value):
         return value
     if isinstance(value, dict):
@@ -45,6 +48,7 @@ def normalize_setting(value: Any) -> Any:
         inner = value["value"]
         if not (_is_scalar(inner) or (isinstance(inner, list) and inner and all(map(_is_scalar, inner)))):
             raise ValueError("a conditional value must be a scalar or a list of scalars")
+        inner = normalize_setting(inner)
         flt = value.get("filter")
         if flt is not None and not isinstance(flt, str):
             raise ValueError("filter must be a string")
@@ -53,7 +57,7 @@ def normalize_setting(value: Any) -> Any:
         if not value:
             raise ValueError("an empty list is not a setting")
         if all(map(_is_scalar, value)):
-            return list(value)
+            return [normalize_setting(v) for v in value]
         if all(isinstance(v, dict) for v in value):
             return [normalize_setting(v) for v in value]
         raise ValueError("a list must hold only scalars (a gradient) or only {filter, value} items")
@@ -116,7 +120,7 @@ def _check_parameters(value: Parameters) -> Parameters:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @field_validator("parameters", check_fields=False)
     @classmethod

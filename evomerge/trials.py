@@ -13,12 +13,23 @@ that holds the trial. Study user attributes: the space and its fingerprint.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from optuna.trial import FrozenTrial, TrialState
 
 # ---------------------------------------------------------------------------- study attributes
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: str) -> str:
+    """A study name becomes a folder under the results root: a plain name, never a path."""
+    if not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"study name {name!r}: use letters, digits, '.', '_' and '-' (no paths, at most 128)")
+    return name
+
 
 STUDY_SPACE = "evomerge:space"  # the space.yaml the study was created from, as JSON
 STUDY_FINGERPRINT = "evomerge:space_fingerprint"  # what must not change on resume

@@ -166,6 +166,12 @@ def test_round_trip_of_slices():
         ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": "heavy"}}]},
          "models.0.parameters.weight: weight must be a number"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float8"}, "dtype: unknown dtype 'float8'"),
+        ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": float("nan")}}]},
+         "models.0.parameters: weight: must be a finite number, got nan"),
+        ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}],
+          "parameters": {"lambda": [1.0, float("inf")]}}, "parameters: lambda: must be a finite number, got inf"),
+        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {
+            "weight": [{"filter": "mlp", "value": float("-inf")}, {"value": 1}]}}]}, "weight: must be a finite number, got -inf"),
         ({"merge_method": "linear", "modelz": []}, "modelz: unknown field"),
         ({"merge_method": "slerp", "base_model": "a", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}],
           "parameters": {"t": 0.5}}, "slices.0: all sources of a slice must span the same number of layers"),

@@ -1,9 +1,17 @@
-"""Generated code is hostile until proven otherwise: every attack is contained and scored as a failure."""
+"""Generated code is hostile until proven otherwise: every attack is contained and judged a failure.
+
+Each hostile program below is run through the project's own scorer path (a `Job` judged in the
+sandbox) against a problem it does not solve; the test asserts containment (nothing outside
+changed, no connection left, no secret printed, the evaluator alive, no process left behind) and
+the verdict (failed). The cheats try to make a wrong program pass; the controls show that correct
+programs pass, so failures are not the sandbox being broken.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -11,33 +19,51 @@ from pathlib import Path
 import psutil
 import pytest
 
-from evomerge.evaluation import data
-from evomerge.evaluation.sandbox import Limits, run_program, run_programs
+from evomerge.evaluation import data, tasklib
+from evomerge.evaluation.sandbox import Job, Limits, bubblewrap, run_job, run_jobs
 
-FAST = Limits(timeout_s=3, cpu_seconds=3)
+FAST = Limits(timeout_s=4, cpu_seconds=3)
+# The problem every hostile program is judged on: it must define solve(x) == 2 * x.
+TESTS = "assert solve(2) == 4\nassert solve(-3) == -6\nassert solve(10**20) == 2 * 10**20\n"
+
+
+def _needs_kernel_isolation():
+    if bubblewrap() is None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("bubblewrap is missing: CI runs the hostile-program suite under kernel isolation",
+                        pytrace=False)
+        pytest.skip("needs bubblewrap (apt-get install bubblewrap); CI installs it")
 
 
 @pytest.fixture
 def canary(tmp_path_factory):
-    """A directory outside every sandbox whose contents must never change."""
+    """A directory outside every sandbox whose contents must never change: files, a study database."""
     directory = tmp_path_factory.mktemp("canary")
     (directory / "keep.txt").write_text("precious")
     (directory / "sub").mkdir()
     (directory / "sub" / "deep.txt").write_text("also precious")
+    with sqlite3.connect(directory / "study.db") as db:
+        db.execute("create table secrets (value text)")
+        db.execute("insert into secrets values ('study-password-hunter2')")
     return directory
 
 
 @pytest.fixture
-def listener():
-    """A TCP server on loopback that counts connections (there must be none)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.settimeout(0.2)
-    hits = []
-    stop = threading.Event()
+def listeners(tmp_path_factory):
+    """A TCP server on loopback and a Unix socket server (path and abstract) that count connections."""
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX)
+    path = str(tmp_path_factory.mktemp("sock") / "evaluator.sock")
+    unix.bind(path)
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(f"\0evomerge-test-{os.getpid()}")
+    servers = [tcp, unix, abstract]
+    hits, stop = [], threading.Event()
 
-    def accept():
+    def accept(server):
+        server.listen(8)
+        server.settimeout(0.2)
         while not stop.is_set():
             try:
                 connection, _ = server.accept()
@@ -46,66 +72,145 @@ def listener():
             except OSError:
                 pass
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], hits
+    threads = [threading.Thread(target=accept, args=(s,), daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    yield {"port": tcp.getsockname()[1], "unix": path, "abstract": f"evomerge-test-{os.getpid()}"}, hits
     stop.set()
-    thread.join(1)
-    server.close()
+    for thread in threads:
+        thread.join(1)
+    for server in servers:
+        server.close()
 
 
-def _snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): p.read_text() if p.is_file() else "<dir>" for p in directory.rglob("*")}
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"<dir>" for p in directory.rglob("*")}
 
+
+LIBC = "import ctypes\nlibc = __import__('sys').modules['__main__'].libc\nlibc.syscall.restype = ctypes.c_long\n"
 
 HOSTILE = {
+    # resources
     "infinite_loop": "while True:\n    pass\n",
     "sleep_forever": "import time\ntime.sleep(3600)\n",
     "fork_bomb": "import os\nwhile True:\n    os.fork()\n",
     "thread_bomb": "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(60,)).start()\n",
-    "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'touch {canary}/pwned'])\n",
-    "os_system": "import os\nos.system('touch {canary}/pwned')\n",
     "allocate_10gb": "block = bytearray(10 * 1024**3)\n",
     "allocate_slowly": "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 1024**2))\n",
     "deep_recursion": "def f(n):\n    return f(n + 1)\nf(0)\n",
     "deep_recursion_unlimited": "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nf(0)\n",
+    "huge_stdout": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
+    "huge_file": "with open('big.bin', 'wb') as f:\n    while True:\n        f.write(b'x' * 1024**2)\n",
+    "many_files_fill_disk": "i = 0\nwhile True:\n    open(f'f{{i}}', 'wb').write(b'x' * (8 << 20))\n    i += 1\n",
+    "open_many_files": "files = [open(f'f{{i}}', 'w') for i in range(10000)]\n",
+    "raise_limits": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n",
+    # the filesystem outside
     "write_outside": "open('{canary}/pwned', 'w').write('x')\n",
     "write_outside_os_open": "import os\nfd = os.open('{canary}/pwned', os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')\n",
     "overwrite_existing": "open('{canary}/keep.txt', 'w').write('gone')\n",
     "delete_file": "import os\nos.remove('{canary}/keep.txt')\n",
     "delete_tree": "import shutil\nshutil.rmtree('{canary}')\n",
     "rename_out": "import os\nos.rename('{canary}/keep.txt', 'stolen.txt')\n",
+    "raw_unlink": LIBC + "libc.syscall(87, b'{canary}/keep.txt')\ndef solve(x):\n    return 0\n",
+    # secrets and study databases
+    "read_etc_shadow": "print(open('/etc/shadow').read())\n",
+    "read_study_db": "print(open('{canary}/study.db', 'rb').read())\n",
+    "read_study_db_raw": LIBC + "fd = libc.syscall(2, b'{canary}/study.db', 0)\nimport os\nprint(os.read(fd, 100000))\n",
     "read_parent_environment": "import os\nprint(os.environ['EVOMERGE_SECRET'])\n",
-    "read_parent_proc_environ": "import os\nprint(open(f'/proc/{{os.getppid()}}/environ').read())\n",
-    "socket": "import socket\nsocket.socket().connect(('127.0.0.1', {port}))\n",
-    "urllib": "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)\n",
+    "read_proc_environ": "import os\nprint(open(f'/proc/{{os.getppid()}}/environ').read())\n",
+    "proc_double_slash": "import os\nprint(open(f'//proc/{{os.getppid()}}/environ').read())\n",
+    "proc_dotdot": "import os\nprint(open(f'/proc/self/../{{os.getppid()}}/environ').read())\n",
+    "proc_evaluator_cmdline": "print(open('/proc/{evaluator}/cmdline').read())\n",
+    "proc_scan_all": ("import os\nfor p in os.listdir('/proc'):\n    try:\n        print(open(f'/proc/{{p}}/environ').read())\n"
+                     "    except Exception:\n        pass\nraise SystemExit(1)\n"),
+    # processes
+    "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'touch {canary}/pwned'])\n",
+    "os_system": "import os\nos.system('touch {canary}/pwned')\n",
+    "ctypes_libc": "import ctypes\nctypes.CDLL(None).system(b'touch {canary}/pwned')\n",
+    "posixsubprocess": ("import _posixsubprocess, os\nr, w = os.pipe()\n"
+                        "_posixsubprocess.fork_exec([b'/bin/sh', b'-c', b'touch {canary}/pwned'], [b'/bin/sh'], True, (), "
+                        "None, None, -1, -1, -1, -1, -1, -1, r, w, False, False, -1, None, None, None, -1, None, False)\n"
+                        "import time\ntime.sleep(1)\n"),
+    "raw_fork_exec": LIBC + ("pid = libc.syscall(57)\nif pid == 0:\n    import os\n    os.execv('/bin/sh', ['sh', '-c', "
+                             "'touch {canary}/pwned'])\nimport time\ntime.sleep(1)\n"),
+    "setsid_daemon": LIBC + ("import os, time\nif libc.syscall(57) == 0:\n    os.setsid()\n    time.sleep(2)\n"
+                             "    open('{canary}/late', 'w').write('x')\n    os._exit(0)\n"
+                             "def solve(x):\n    return 0\n"),
+    # signals
     "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
     "kill_everything": "import os, signal\nos.kill(-1, signal.SIGKILL)\n",
-    "huge_stdout": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
-    "huge_file_in_tmp": "with open('big.bin', 'wb') as f:\n    while True:\n        f.write(b'x' * 1024**2)\n",
-    "ctypes_libc": "import ctypes\nctypes.CDLL(None).system(b'touch {canary}/pwned')\n",
-    "exit_zero_before_tests": "import sys\nsys.exit(0)\n",
+    "kill_evaluator_by_pid": LIBC + "libc.syscall(62, {evaluator}, 9)\nlibc.syscall(62, -1, 9)\n",
+    "pidfd_evaluator": LIBC + "fd = libc.syscall(434, {evaluator}, 0)\nlibc.syscall(424, fd, 9, 0, 0)\nfd = libc.syscall(434, 1, 0)\nlibc.syscall(424, fd, 9, 0, 0)\n",
+    "setuid_root": LIBC + "print(libc.syscall(105, 0))\nprint(open('/etc/shadow').read())\n",
+    # sockets
+    "socket": "import socket\nsocket.socket().connect(('127.0.0.1', {port}))\n",
+    "urllib": "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)\n",
+    "raw_socket_syscall": LIBC + ("import struct\ns = libc.syscall(41, 2, 1, 0)\n"
+                                  "addr = struct.pack('<HH4s8x', 2, __import__('socket').htons({port}), bytes([127, 0, 0, 1]))\n"
+                                  "print(libc.syscall(42, s, addr, 16))\n"),
+    "unix_socket_path": LIBC + ("path = b'{unix}'\nimport struct\ns = libc.syscall(41, 1, 1, 0)\n"
+                                "addr = struct.pack('<H108s', 1, path)\nprint(libc.syscall(42, s, addr, 110))\n"),
+    "unix_socket_abstract": LIBC + ("import struct\ns = libc.syscall(41, 1, 1, 0)\n"
+                                    "addr = struct.pack('<H108s', 1, b'\\0{abstract}')\n"
+                                    "print(libc.syscall(42, s, addr, 2 + 1 + len(b'{abstract}')))\n"),
+    # cheats: make a wrong program pass
+    "exit_zero_early": "import sys\nsys.exit(0)\n",
     "os_exit_zero": "import os\nos._exit(0)\n",
+    "print_marker_then_raw_exit": LIBC + "print('__evomerge_completed__', flush=True)\nlibc.syscall(231, 0)\n",
     "patch_exit_then_fail": "import sys, builtins\nsys.exit = lambda *a: None\nbuiltins.SystemExit = type('X', (Exception,), {{}})\nraise RuntimeError('nope')\n",
-    "open_many_files": "files = [open(f'f{{i}}', 'w') for i in range(10000)]\n",
-    "raise_limits": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n",
+    "always_equal": ("class Yes:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n"
+                     "def solve(x):\n    return Yes()\n"),
+    "int_subclass_equal": "class Int(int):\n    def __eq__(self, other):\n        return True\ndef solve(x):\n    return Int(0)\n",
+    "frame_rewrites_tests": ("import sys\ndef solve(x):\n    frame = sys._getframe(1)\n    while frame:\n"
+                             "        frame.f_globals['solve'] = lambda y: 2 * y\n        frame.f_globals['__builtins__'] = {{}}\n"
+                             "        frame = frame.f_back\n    return 0\n"),
+    "read_tests_from_disk": ("import os\nfound = []\nfor root, dirs, files in os.walk('/'):\n    for f in files:\n"
+                             "        try:\n            if 'solve(10**20)' in open(os.path.join(root, f), errors='ignore').read():\n"
+                             "                found.append(f)\n        except Exception:\n            pass\n"
+                             "def solve(x):\n    return len(found) * 1000\n"),
+    "forge_reply_on_the_pipe": ("import sys, json, os\nmain = sys.modules['__main__']\n"
+                                "main.send(main.replies, {{'ready': True, 'entry': True}})\n"
+                                "for _ in range(3):\n    main.send(main.replies, {{'value': 4}})\n"
+                                "def solve(x):\n    return 4\n"),
+    "patch_the_encoder": ("import sys\nmain = sys.modules['__main__']\nmain.encode = lambda v: {{'list': []}}\n"
+                          "def solve(x):\n    return 0\n"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_program_is_contained(name, canary, listener, monkeypatch):
-    port, hits = listener
+def test_hostile_program_is_contained_and_fails(name, canary, listeners, monkeypatch):
+    _needs_kernel_isolation()
+    addresses, hits = listeners
     monkeypatch.setenv("EVOMERGE_SECRET", "hunter2")
     before = _snapshot(canary)
-    program = HOSTILE[name].format(canary=canary, port=port)
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    program = HOSTILE[name].format(canary=canary, evaluator=os.getpid(), **addresses)
     start = time.monotonic()
-    result = run_program(program, "assert True\n", FAST)
-    assert not result.passed, (name, result.status, result.stdout[-300:], result.stderr[-300:])
+    result = run_job(Job(program, TESTS, entry_point="solve"), FAST)
+    assert not result.passed, (name, result.status, result.reason, result.stdout[-300:], result.stderr[-300:])
     assert time.monotonic() - start < FAST.timeout_s + 5
+    time.sleep(2.5 if name == "setsid_daemon" else 0.2)  # a daemon would write after its sandbox is gone
     assert _snapshot(canary) == before, name  # nothing outside the sandbox changed
     assert not hits, "a connection left the sandbox"
-    assert "hunter2" not in result.stdout + result.stderr
-    assert psutil.Process(os.getpid()).status() != psutil.STATUS_ZOMBIE  # the evaluator is alive and well
+    output = result.stdout + result.stderr
+    assert "hunter2" not in output and "study-password" not in output and "root:" not in output
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= children  # nothing left running
+    assert psutil.Process(os.getpid()).status() != psutil.STATUS_ZOMBIE  # the evaluator is alive
+
+
+def test_there_are_forty_hostile_programs_in_every_class():
+    assert len(HOSTILE) >= 40
+
+
+def test_a_correct_program_passes_and_a_wrong_one_fails():
+    """The controls: the verdict comes from the judge's tests, and it tells right from wrong."""
+    _needs_kernel_isolation()
+    assert run_job(Job("def solve(x):\n    return 2 * x\n", TESTS, entry_point="solve"), FAST).passed
+    wrong = run_job(Job("def solve(x):\n    return x + 2\n", TESTS, entry_point="solve"), FAST)
+    assert not wrong.passed and wrong.status == "failed" and "tests failed: AssertionError" in wrong.reason
+    tuple_back = run_job(Job("def solve(x):\n    return (x, [x], {{x: 'a'}}, {{x}})\n".replace("{{", "{").replace("}}", "}"),
+                             "assert solve(1) == (1, [1], {1: 'a'}, {1})\n", entry_point="solve"), FAST)
+    assert tuple_back.passed, tuple_back.reason  # plain data of every builtin kind crosses intact
 
 
 # Passes only where the reported layers really hold: the limits are set and the audit hook refuses.
@@ -113,8 +218,10 @@ LAYERS_IN_FORCE = """
 import os, resource
 assert resource.getrlimit(resource.RLIMIT_NOFILE) == (64, 64), resource.getrlimit(resource.RLIMIT_NOFILE)
 assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
+assert os.getuid() != 0 and sorted(os.listdir('/proc'))[:1] == ['1']  # unprivileged, in its own PID namespace
+assert not os.path.exists('/etc/shadow') and not os.path.exists('/home')
 try:
-    os.remove('{canary}/keep.txt')
+    os.remove('/usr/lib/os-release')
 except PermissionError as exc:
     assert str(exc).startswith('sandbox:'), exc  # refused by the audit hook, not only by file permissions
 else:
@@ -122,41 +229,54 @@ else:
 """
 
 
-def test_sandbox_layers_are_reported_only_when_in_force(canary):
-    result = run_program(LAYERS_IN_FORCE.format(canary=canary), "", FAST)
-    assert result.passed and result.status == "passed", (result.stdout[-300:], result.stderr[-300:])
-    assert {"rlimits", "audit"} <= set(result.layers)
-    assert (canary / "keep.txt").exists()
+def test_sandbox_layers_are_reported_only_when_in_force():
+    _needs_kernel_isolation()
+    result = run_job(Job(LAYERS_IN_FORCE), FAST)
+    assert result.passed and result.status == "passed", (result.reason, result.stderr[-300:])
+    assert {"rlimits", "audit", "bubblewrap"} <= set(result.layers)
+
+
+def test_without_process_isolation_generated_code_is_refused_unless_opted_in(monkeypatch):
+    from evomerge.errors import EvomergeError
+    from evomerge.evaluation import sandbox
+
+    monkeypatch.setattr(sandbox, "bubblewrap", lambda: None)
+    monkeypatch.delenv(sandbox.MODE_ENV, raising=False)
+    with pytest.raises(EvomergeError, match="bubblewrap .* is not usable here; install it"):
+        run_job(Job("def solve(x):\n    return 2 * x\n", TESTS, entry_point="solve"), FAST)
+    assert sandbox.describe()["isolation"] == "none: refused"
+    monkeypatch.setenv(sandbox.MODE_ENV, "weak")  # the user's explicit choice: the inner layers alone
+    assert run_job(Job("def solve(x):\n    return 2 * x\n", TESTS, entry_point="solve"), FAST).passed
+    assert "process isolation" in sandbox.describe()["missing"][0]
 
 
 def test_no_stray_processes_after_timeouts():
-    import psutil
-
+    _needs_kernel_isolation()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    results = run_programs([("import time\ntime.sleep(60)\n", "")] * 3, Limits(timeout_s=1, cpu_seconds=1))
+    results = run_jobs([Job("import time\ntime.sleep(60)\n")] * 3, Limits(timeout_s=1, cpu_seconds=1))
     assert all(r.status == "timeout" for r in results)
     time.sleep(0.2)
     assert {p.pid for p in psutil.Process().children(recursive=True)} == before
 
 
-def _humaneval_jobs(solution: str) -> list[tuple[str, str]]:
+def _humaneval_jobs(solution: str | None = None) -> list[Job]:
     items = data.pool("humaneval", "search") + data.pool("humaneval", "heldout")
     assert len(items) == 164
-    return [(item["prompt"] + solution.format(**item), item["test"] + f"\ncheck({item['entry_point']})\n")
+    return [tasklib.humaneval_job(item, item["canonical_solution"] if solution is None else solution)
             for item in items]
 
 
 def test_all_164_canonical_solutions_pass():
-    items = data.pool("humaneval", "search") + data.pool("humaneval", "heldout")
-    jobs = [(item["prompt"] + item["canonical_solution"], item["test"] + f"\ncheck({item['entry_point']})\n")
-            for item in items]
-    results = run_programs(jobs, Limits(timeout_s=20, cpu_seconds=20))
-    failed = [(item["task_id"], r.status, r.stderr[-200:]) for item, r in zip(items, results) if not r.passed]
+    _needs_kernel_isolation()
+    jobs = _humaneval_jobs()
+    results = run_jobs(jobs, Limits(timeout_s=20, cpu_seconds=20))
+    failed = [(job.entry_point, r.status, r.reason[:200]) for job, r in zip(jobs, results) if not r.passed]
     assert not failed
 
 
 @pytest.mark.parametrize("solution", ["    return None\n", "    pass\n", "    raise NotImplementedError\n"])
 def test_wrong_solutions_fail(solution):
-    results = run_programs(_humaneval_jobs(solution), Limits(timeout_s=10, cpu_seconds=10))
+    _needs_kernel_isolation()
+    results = run_jobs(_humaneval_jobs(solution), Limits(timeout_s=10, cpu_seconds=10))
     # A handful of HumanEval problems accept None/empty; nearly all must fail.
     assert sum(r.passed for r in results) <= 3

@@ -75,6 +75,11 @@ def _write(space: dict, path: Path) -> Path:
         ({"base_model": None, "methods": "ties"}, "base_model: method 'ties' needs a base_model"),
         ({"sampler": "cma"}, "sampler"),
         ({"colour": "blue"}, "colour: unknown field"),
+        ({"name": "../../elsewhere"}, "name: study name '../../elsewhere': use letters, digits"),
+        ({"parameters": {"weight": {"low": 0, "high": float("nan")}}}, "parameters.weight.high: Input should be a finite number"),
+        ({"timeout": float("inf")}, "timeout: Input should be a finite number"),
+        ({"tasks": [{"task": "gsm8k", "weight": 0}, {"task": "mmlu", "weight": 0}]},
+         "tasks: the weights must sum to more than 0"),
     ],
 )
 def test_bad_spaces_name_the_field(override, message, tiny_family, tmp_path):
@@ -484,3 +489,81 @@ def test_a_trial_lost_before_its_worker_wrote_its_name_is_recovered(tmp_path, mo
     assert store.recover_dead_trials(study) == 1
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
     assert study.get_trials()[1].user_attrs["retry_of"] == 0
+
+
+# ----------------------------------------------------------------------------- bad input on the command line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n-trials", "0"], "argument --n-trials: must be above 0, got 0"),
+    (["--timeout", "-5"], "argument --timeout: must be above 0, got -5"),
+    (["--study-name", "../../x"], "--study-name: study name '../../x': use letters, digits"),
+])
+def test_bad_search_arguments_are_one_line_and_write_nothing(args, message, tiny_family, tmp_path, capsys):
+    from evomerge.cli import main
+
+    space_file = _write(_space(tiny_family, tmp_path), tmp_path / "s.yaml")
+    try:
+        code = main(["search", str(space_file), "-q", *args])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_report_on_a_missing_database_creates_nothing(tmp_path, capsys):
+    from evomerge.cli import main
+
+    db = tmp_path / "nothing.db"
+    assert main(["report", "--storage", f"sqlite:///{db}", "--study-name", "s", "--results", str(tmp_path)]) == 2
+    assert f"no study database at {db}" in capsys.readouterr().err and not db.exists()
+
+
+def test_workers_get_the_storage_url_through_the_environment_not_argv(tiny_family, tmp_path, monkeypatch):
+    """A password in a storage URL must not show in `ps`: local workers read it from $EVOMERGE_STORAGE."""
+    from evomerge import search
+
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, env):
+            started.append((command, env))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(search.subprocess, "Popen", Finished)
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path))
+    url = f"sqlite:///{tmp_path}/secret-study.db"
+    search.run(search.SearchJob(space, storage=url, workers=2, space_file="s.yaml", heldout=False, progress=False))
+    assert len(started) == 2
+    for command, env in started:
+        assert url not in " ".join(command) and "--storage" not in command
+        assert env["EVOMERGE_STORAGE"] == url
+
+
+def test_storage_urls_are_shown_without_passwords_or_machine_folders(monkeypatch, tmp_path):
+    from evomerge.search.storage import shown
+
+    assert shown("postgresql+psycopg://evo:hunter2@db.example:5432/studies") == \
+        "postgresql+psycopg://evo:***@db.example:5432/studies"
+    monkeypatch.chdir(tmp_path)
+    assert shown(f"sqlite:///{tmp_path}/results/s/study.db") == "sqlite:///results/s/study.db"
+    assert shown("sqlite:////elsewhere/study.db") == "sqlite:////elsewhere/study.db"
+
+
+def test_a_search_that_runs_generated_code_records_its_sandbox(tiny_family, tmp_path):
+    from evomerge.evaluation.sandbox import bubblewrap
+
+    if bubblewrap() is None:
+        pytest.skip("needs bubblewrap (apt-get install bubblewrap); CI installs it")
+    tasks = [{"task": "humaneval", "metric": "accuracy", "size": 2, "max_gen_toks": 8},
+             {"task": "gsm8k", "metric": "gold_loglik", "size": 2}]
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, tasks=tasks, n_trials=1, pruning={"enabled": False}))
+    assert space.runs_generated_code() and not SearchSpace.from_dict(_space(tiny_family, tmp_path)).runs_generated_code()
+    summary = run_search(space, heldout=False, progress=False)
+    assert summary["sandbox"]["isolation"] == "bubblewrap" and summary["trials"]["COMPLETE"] == 1
+    saved = json.loads((tmp_path / "results" / "tiny" / "summary.json").read_text())
+    assert saved["sandbox"] == summary["sandbox"]

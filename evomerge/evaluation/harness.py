@@ -156,6 +156,10 @@ class Evaluator:
         self._model = None
         tasklib.set_token_counter(lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
         tasklib.set_sandbox_options(workers=sandbox_workers)
+        if any(r.task == "humaneval" and r.metric == "accuracy" for r in self.requests):
+            from evomerge.evaluation.sandbox import require_isolation
+
+            require_isolation()  # before any generation: refused here, not after minutes of it
         _cache_env_info()
         self._tasks = self._load_tasks()
 

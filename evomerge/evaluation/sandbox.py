@@ -1,20 +1,31 @@
 """A sandbox for generated code: hostile until proven otherwise.
 
-Every program runs in its own process (`python -I -S`, no site-packages, scrubbed environment)
-with a fresh temporary directory as its working directory and the only place it may write.
-Layers (see sandbox_child.py): rlimits on CPU time, address space, file size, process count and
-open files; a new network namespace (refusing sockets through the audit hook where the kernel
-allows no namespace); privileges dropped to `nobody` when started as root; Landlock write
-confinement to the temp dir; and a Python audit hook that refuses sockets, process creation,
-signals to others, native code loading and writes or deletions outside the temp dir. The wall
-clock timeout kills the whole process group. A program passes only when its code and its tests
-ran to completion: an early `exit()` or a crash is a failure, never a pass.
+Two halves, in two processes:
+
+- **The program** (prompt + completion) runs in its own process inside bubblewrap: new user, PID,
+  network, IPC, UTS and cgroup namespaces, a private /proc (the evaluator and every other process
+  are invisible and unreachable by signals), a minimal filesystem (the Python installation and
+  system libraries read-only, its own temporary folder as the only writable place; no /etc, /home,
+  /root, study databases or sockets), no capabilities, a new session, killed with its parent.
+  Inside, sandbox_child.py adds rlimits (CPU, memory, file size, processes, open files), Landlock
+  and an audit hook. Without bubblewrap the inner layers are all there is: evomerge then refuses
+  to run generated code unless the user opts in with EVOMERGE_SANDBOX=weak.
+- **The judge** (this module, in the evaluator) holds the tests. They never enter the program's
+  process or any file it can read: the judge executes them with the entry point bound to a proxy
+  that sends each call's arguments over a pipe and decodes the reply as plain data (builtin types
+  only, see sandbox_child.encode). A program can return values; it cannot see the tests, rewrite
+  them, print a verdict or forge one by exiting in some special way.
+
+A program passes only when it loaded, defined its entry point, and the judge's tests ran to the end.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -25,8 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHILD = Path(__file__).with_name("sandbox_child.py")
+from evomerge.errors import EvomergeError
+from evomerge.evaluation import sandbox_child as child
+
+log = logging.getLogger(__name__)
+
+CHILD = Path(child.__file__)
 NOBODY = 65534
+INSIDE = "/sandbox"  # where the program's folder appears inside bubblewrap
+MODE_ENV = "EVOMERGE_SANDBOX"  # auto (bubblewrap, else refuse) | weak (opt in to the inner layers alone)
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,18 @@ class Limits:
     processes: int = 64  # RLIMIT_NPROC (counts threads; per user, so parallel runs share it)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One program and the tests the judge runs against it. `helpers` is trusted code the tests
+    need (HumanEval's prompt: imports and helper functions); `entry_point` is the function the
+    tests call. With no entry point the tests get no candidate (a program that loads passes)."""
+
+    program: str
+    tests: str = ""
+    entry_point: str | None = None
+    helpers: str = ""
+
+
 @dataclass
 class Result:
     passed: bool
@@ -47,6 +77,156 @@ class Result:
     stdout: str = ""
     stderr: str = ""
     layers: tuple[str, ...] = field(default_factory=tuple)
+    reason: str = ""  # why the judge failed it
+
+
+# ---------------------------------------------------------------------------- isolation
+
+
+@functools.lru_cache(maxsize=None)
+def bubblewrap() -> tuple[str, ...] | None:
+    """The bubblewrap command line (without the program), or None when bubblewrap cannot run here."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None
+    python = Path(sys.executable).resolve()
+    binds: list[str] = []
+    for path in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", sys.base_prefix,
+                 sys.prefix, str(python.parent.parent)):
+        if os.path.exists(path):
+            binds += ["--ro-bind", path, path]
+    command = (bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+               "--uid", str(NOBODY), "--gid", str(NOBODY), *binds, "--proc", "/proc", "--dev", "/dev",
+               "--tmpfs", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+               "--setenv", "HOME", INSIDE, "--setenv", "TMPDIR", INSIDE, "--setenv", "PYTHONHASHSEED", "0",
+               "--setenv", "PYTHONDONTWRITEBYTECODE", "1")
+    probe = subprocess.run([*command, str(python), "-I", "-S", "-c", "pass"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        log.warning("bubblewrap is installed but cannot start a sandbox here: %s",
+                    probe.stderr.decode(errors="replace").strip()[:300])
+        return None
+    return (*command, str(python))
+
+
+def describe() -> dict:
+    """What isolates generated code on this machine, for logs and summary.json."""
+    if bubblewrap() is not None:
+        return {"isolation": "bubblewrap", "layers": ["user, pid, net, ipc, uts, cgroup namespaces", "private /proc",
+                "read-only minimal filesystem", "no capabilities", "new session", "rlimits", "landlock",
+                "audit hook", "tests in a separate judge process"]}
+    weak = os.environ.get(MODE_ENV) == "weak"
+    return {"isolation": "weak (opted in)" if weak else "none: refused",
+            "layers": ["rlimits", "network namespace", "landlock", "audit hook", "tests in a separate judge process"],
+            "missing": ["process isolation (bubblewrap): the program can see and signal other processes and read "
+                        "what its user can read"]}
+
+
+def require_isolation() -> None:
+    """Refuses to run generated code without process isolation unless the user opted in."""
+    if bubblewrap() is None and os.environ.get(MODE_ENV) != "weak":
+        raise EvomergeError(
+            "humaneval: scoring runs generated code, and bubblewrap (process isolation) is not usable here; "
+            f"install it (apt-get install bubblewrap) or set {MODE_ENV}=weak to accept the in-process layers alone")
+
+
+@functools.lru_cache(maxsize=None)
+def _announce() -> None:
+    info = describe()
+    log.info("sandbox for generated code: %s (%s)", info["isolation"], ", ".join(info["layers"]))
+    for missing in info.get("missing", []):
+        log.warning("sandbox: missing %s", missing)
+
+
+# ---------------------------------------------------------------------------- the judge
+
+
+class _Channel:
+    """The judge's end of the two pipes, with a deadline on every read."""
+
+    def __init__(self, requests: int, replies: int, deadline: float):
+        self.requests, self.replies, self.deadline = os.fdopen(requests, "wb", buffering=0), replies, deadline
+
+    def _read(self, size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.replies], [], [], left)[0]:
+                raise TimeoutError("the program did not answer in time")
+            chunk = os.read(self.replies, min(size - len(data), 1 << 20))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def receive(self) -> dict | None:
+        head = self._read(4)
+        if head is None:
+            return None
+        size = int.from_bytes(head, "big")
+        if size > child.MAX_MESSAGE:
+            raise ValueError("the program sent a message over 16 MiB")
+        body = self._read(size)
+        message = json.loads(body) if body is not None else None
+        if message is not None and not isinstance(message, dict):
+            raise ValueError("the program sent something that is not a message")
+        return message
+
+    def send(self, message: dict) -> None:
+        child.send(self.requests, message)
+
+
+class CandidateFailed(Exception):
+    """The program died, raised, or answered with something that is not plain data."""
+
+
+class _Candidate:
+    """What the tests call: each call crosses to the program and comes back as plain data."""
+
+    def __init__(self, channel: _Channel):
+        self.channel = channel
+
+    def __call__(self, *args, **kwargs):
+        try:
+            self.channel.send({"args": child.encode(list(args)), "kwargs": child.encode(dict(kwargs))})
+        except BrokenPipeError:
+            raise CandidateFailed("the program is gone") from None
+        reply = self.channel.receive()
+        if reply is None:
+            raise CandidateFailed("the program is gone")
+        if "raised" in reply:
+            raise CandidateFailed(f"the program raised {str(reply['raised'])[:300]}")
+        try:
+            return child.decode(reply["value"])
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise CandidateFailed(f"not plain data: {exc}") from None
+
+
+def _judge(job: Job, channel: _Channel) -> str:
+    """Runs the tests against the program; returns why it failed, or '' when it passed."""
+    try:
+        ready = channel.receive()
+    except (TimeoutError, ValueError) as exc:
+        return f"never ready: {exc}"
+    if not ready or ready.get("ready") is not True:
+        return "the program did not load"
+    if job.entry_point and ready.get("entry") is not True:
+        return f"the program does not define {job.entry_point}()"
+    namespace: dict = {"__name__": "__judge__"}
+    try:
+        exec(compile(job.helpers, "helpers.py", "exec"), namespace)
+        if job.entry_point:
+            namespace[job.entry_point] = _Candidate(channel)
+        exec(compile(job.tests, "tests.py", "exec"), namespace)
+    except CandidateFailed as exc:
+        return str(exc)
+    except (TimeoutError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # an assertion of the tests, or an error computing with the answers
+        return f"tests failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return ""
+
+
+# ---------------------------------------------------------------------------- running
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -60,75 +240,86 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
-def run_program(program: str, tests: str = "", limits: Limits = Limits()) -> Result:
-    """Runs `program`, then `tests` (e.g. HumanEval's check), in a fresh sandbox."""
-    workdir = Path(tempfile.mkdtemp(prefix="evomerge-sandbox-"))
+def run_job(job: Job, limits: Limits = Limits()) -> Result:
+    """Runs one program in a fresh sandbox and judges it."""
+    require_isolation()
+    _announce()
+    wrap = bubblewrap()
+    scratch = Path(tempfile.mkdtemp(prefix="evomerge-sandbox-"))
+    workdir = scratch / "program"  # the program's only writable place; outputs stay beside it
+    workdir.mkdir()
+    request_r, request_w = os.pipe()
+    reply_r, reply_w = os.pipe()
     try:
-        source = (
-            "import os as _os, posix as _posix, sys as _sys\n"
-            "def _no_exit(*_):\n    raise SystemExit('sandbox: os._exit is not allowed')\n"
-            "_os._exit = _posix._exit = _no_exit\n"
-            "del _os, _posix, _no_exit\n"
-            "_program, _tests = " + repr(program) + ", " + repr(tests) + "\n"
-            # Bound before any untrusted code runs, which executes in its own globals dict.
-            "_fail, _write, _flush = SystemExit, _sys.stdout.write, _sys.stdout.flush\n"
-            "import traceback as _traceback\n"
-            "_globals = {'__name__': '__main__'}\n"
-            "try:\n"
-            "    exec(compile(_program, 'solution.py', 'exec'), _globals)\n"
-            "    exec(compile(_tests, 'tests.py', 'exec'), _globals)\n"
-            "except BaseException as _error:\n"  # SystemExit too: an early exit is not a pass
-            "    _traceback.print_exception(_error)\n"
-            "    raise _fail(1)\n"
-            "_flush()\n"
-            "_write('\\n__evomerge_completed__\\n')\n"
-        )
-        (workdir / "program.py").write_text(source, encoding="utf-8")
-        if os.geteuid() == 0:
+        (workdir / "program.py").write_text(job.program, encoding="utf-8")
+        shutil.copy(CHILD, workdir / "child.py")
+        if os.geteuid() == 0 and wrap is None:  # the weak path drops root to nobody inside the child
             os.chown(workdir, NOBODY, NOBODY)
             os.chmod(workdir, 0o700)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(workdir), "TMPDIR": str(workdir),
-               "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        inside = INSIDE if wrap else str(workdir)
         child_limits = {"cpu_seconds": int(limits.cpu_seconds), "memory_bytes": int(limits.memory_bytes),
                         "file_bytes": int(limits.file_bytes), "processes": int(limits.processes)}
+        program = [f"{inside}/child.py", inside, json.dumps(child_limits), str(request_r), str(reply_w),
+                   job.entry_point or ""]
+        if wrap:
+            command = [*wrap[:-1], "--bind", str(workdir), INSIDE, "--chdir", INSIDE, wrap[-1], "-I", "-S", *program]
+            env = None
+        else:
+            command = [sys.executable, "-I", "-S", *program]
+            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": inside, "TMPDIR": inside,
+                   "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
         start = time.monotonic()
-        with open(workdir / "stdout.txt", "wb") as out, open(workdir / "stderr.txt", "wb") as err:
-            process = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(CHILD), str(workdir), json.dumps(child_limits)],
-                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, close_fds=True,
-            )
-            timed_out = False
+        with open(scratch / "stdout.txt", "wb") as out, open(scratch / "stderr.txt", "wb") as err:
+            process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=err, start_new_session=True, close_fds=True,
+                                       pass_fds=(request_r, reply_w))
+        os.close(request_r)
+        os.close(reply_w)
+        request_r = reply_w = -1
+        channel = _Channel(request_w, reply_r, start + limits.timeout_s)
+        request_w = -1  # owned by the channel now
+        reason = _judge(job, channel)
+        channel.requests.close()  # the program's end of the loop: it exits
+        timed_out = False
+        try:
+            returncode = process.wait(timeout=max(0.1, min(2.0, start + limits.timeout_s - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            returncode = None
+            timed_out = time.monotonic() - start >= limits.timeout_s
+        finally:
             try:
-                returncode = process.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                returncode = None
-            finally:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)  # the group: anything it started goes too
-                except (ProcessLookupError, PermissionError):
-                    pass
-                if timed_out:
-                    returncode = process.wait()
+                os.killpg(process.pid, signal.SIGKILL)  # the group (bubblewrap's namespace goes with it)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if returncode is None:
+                returncode = process.wait()
         seconds = time.monotonic() - start
-        stdout, stderr = _tail(workdir / "stdout.txt"), _tail(workdir / "stderr.txt")
-        layers = tuple(_tail(workdir / "layers.txt", 200).split())
-        completed = returncode == 0 and "__evomerge_completed__" in stdout
+        timed_out = timed_out or "did not answer in time" in reason
         if timed_out:
             status = "timeout"
-        elif returncode is not None and returncode < 0:
+        elif reason and returncode is not None and returncode < 0:
             status = f"signal:{signal.Signals(-returncode).name}"
         else:
-            status = "passed" if completed else "failed"
-        return Result(completed, status, returncode, seconds, stdout.replace("\n__evomerge_completed__\n", ""),
-                      stderr, layers)
+            status = "failed" if reason else "passed"
+        return Result(not reason, status, returncode, seconds, _tail(scratch / "stdout.txt"),
+                      _tail(scratch / "stderr.txt"), tuple(_tail(workdir / "layers.txt", 200).split()) +
+                      (("bubblewrap",) if wrap else ()), reason)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for fd in (request_r, request_w, reply_r, reply_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_programs(jobs: list[tuple[str, str]], limits: Limits = Limits(), workers: int | None = None) -> list[Result]:
-    """Runs (program, tests) pairs in parallel, up to the number of cores."""
+def run_program(program: str, tests: str = "", limits: Limits = Limits(), **job: str) -> Result:
+    return run_job(Job(program, tests, **job), limits)
+
+
+def run_jobs(jobs: list[Job], limits: Limits = Limits(), workers: int | None = None) -> list[Result]:
+    """Runs jobs in parallel, up to the number of cores."""
     workers = workers or max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: run_program(job[0], job[1], limits), jobs))
+        return list(pool.map(lambda job: run_job(job, limits), jobs))

@@ -1,11 +1,16 @@
-"""Runs one untrusted program inside the sandbox. Started as `python -I -S sandbox_child.py DIR LIMITS`.
+"""Runs one untrusted program inside the sandbox and answers calls to its entry point.
 
-Standard library only, so it runs in isolated mode without site-packages. Before the program
-runs it, in order: applies resource limits, leaves the network (a new network namespace), drops
-root to `nobody`, restricts filesystem writes to DIR with Landlock, and installs an audit hook
-that refuses sockets, process creation, signals to other processes, native-code loading and
-writes or deletions outside DIR. Each layer is best-effort where the kernel lacks it; the audit
-hook is always there. Exit status 0 means the program (and its tests) passed.
+Started (inside bubblewrap when available, see sandbox.py) as
+`python -I -S sandbox_child.py DIR LIMITS REQUEST_FD REPLY_FD ENTRY_POINT`. Standard library only,
+so it runs in isolated mode without site-packages. Before the program runs it applies resource
+limits, leaves the network (a new network namespace), drops root to `nobody` where it can,
+restricts filesystem writes to DIR with Landlock, and installs an audit hook that refuses sockets,
+process creation, signals to other processes, native-code loading and writes outside DIR.
+
+The verdict is not decided here: the tests run in the judge (sandbox.py), outside, and reach the
+program only through calls to its entry point. This process executes the program, says "ready",
+then answers each call (arguments and return values as plain data, `encode`/`decode`) on the pipe.
+Whatever the program does to this process can only change what its function returns.
 """
 
 import ctypes
@@ -158,8 +163,89 @@ def audit_guard(workdir):
     layers.append("audit")
 
 
+# ---------------------------------------------------------------------------- plain data
+# Tagged JSON for the builtin data types; anything else cannot cross. sandbox.py uses the same two
+# functions (this file is standard library only, so it is imported there as a module).
+
+_TAGS = {list: "list", tuple: "tuple", set: "set", frozenset: "frozenset"}
+
+
+def encode(value):
+    kind = type(value)
+    if value is None or kind in (bool, int, str):
+        return value
+    if kind is float:
+        return value if value == value and value not in (float("inf"), float("-inf")) else {"float": repr(value)}
+    if kind in _TAGS:
+        return {_TAGS[kind]: [encode(v) for v in value]}
+    if kind is dict:
+        return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
+    if kind is bytes:
+        return {"bytes": value.hex()}
+    if kind is complex:
+        return {"complex": [value.real, value.imag]}
+    raise TypeError(f"not plain data: {kind.__name__}")
+
+
+def decode(data):
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if type(data) is not dict or len(data) != 1:
+        raise ValueError("not an encoded value")
+    (tag, inner), = data.items()
+    if tag == "float":
+        return float({"nan": "nan", "inf": "inf", "-inf": "-inf"}[inner])
+    if tag in ("list", "tuple", "set", "frozenset"):
+        items = [decode(v) for v in inner]
+        return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+    if tag == "dict":
+        return {decode(k): decode(v) for k, v in inner}
+    if tag == "bytes":
+        return bytes.fromhex(inner)
+    if tag == "complex":
+        return complex(float(inner[0]), float(inner[1]))
+    raise ValueError(f"unknown tag {tag!r}")
+
+
+MAX_MESSAGE = 16 << 20
+
+
+def send(stream, message):
+    data = json.dumps(message).encode()
+    stream.write(len(data).to_bytes(4, "big") + data)
+
+
+def receive(stream):
+    """The next message, or None at the end of the stream."""
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    size = int.from_bytes(head, "big")
+    if size > MAX_MESSAGE:
+        raise ValueError("message too large")
+    body = stream.read(size)
+    return json.loads(body) if len(body) == size else None
+
+
+def serve(entry, requests, replies):
+    """Answers calls until the judge closes the request pipe."""
+    while True:
+        message = receive(requests)
+        if message is None:
+            return
+        try:
+            value = entry(*decode(message["args"]), **decode(message["kwargs"]))
+            reply = {"value": encode(value)}
+        except BaseException as error:  # the candidate's failure, reported as such
+            reply = {"raised": f"{type(error).__name__}: {error}"[:500]}
+        send(replies, reply)
+
+
 def main():
     workdir, limits = sys.argv[1], json.loads(sys.argv[2])
+    requests = os.fdopen(int(sys.argv[3]), "rb", buffering=0)
+    replies = os.fdopen(int(sys.argv[4]), "wb", buffering=0)
+    entry_point = sys.argv[5]
     os.chdir(workdir)
     set_limits(limits)
     leave_network()
@@ -174,6 +260,10 @@ def main():
         source = handle.read()
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     exec(compile(source, "program.py", "exec"), namespace)
+    entry = namespace.get(entry_point) if entry_point else None
+    send(replies, {"ready": True, "entry": callable(entry)})
+    if callable(entry):
+        serve(entry, requests, replies)
 
 
 if __name__ == "__main__":

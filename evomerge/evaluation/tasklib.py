@@ -118,18 +118,25 @@ def humaneval_program(doc: dict, completion: str) -> str:
     return doc["prompt"] + completion
 
 
+def humaneval_job(doc: dict, completion: str):
+    """The program (untrusted: prompt + completion) and what the judge runs against it (trusted:
+    the prompt's imports and helpers, and the tests, which never reach the program)."""
+    from evomerge.evaluation.sandbox import Job
+
+    return Job(humaneval_program(doc, completion), doc["test"] + f"\ncheck({doc['entry_point']})\n",
+               entry_point=doc["entry_point"], helpers=doc["prompt"])
+
+
 def humaneval_generation(doc: dict, results: list[str]) -> dict[str, Any]:
-    program = humaneval_program(doc, results[0])
-    tests = doc["test"] + f"\ncheck({doc['entry_point']})\n"
-    return {"pass@1": (program, tests)}
+    return {"pass@1": humaneval_job(doc, results[0])}
 
 
-def pass_at_1(items: list[tuple[str, str]]) -> float:
+def pass_at_1(items: list) -> float:
     """Runs every program in the sandbox, in parallel, and returns the fraction that passed."""
-    from evomerge.evaluation.sandbox import Limits, run_programs
+    from evomerge.evaluation.sandbox import Limits, run_jobs
 
     limits = _sandbox_options.get("limits", Limits())
-    results = run_programs(list(items), limits=limits, workers=_sandbox_options.get("workers"))
+    results = run_jobs(list(items), limits=limits, workers=_sandbox_options.get("workers"))
     return sum(r.passed for r in results) / max(1, len(results))
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 
 from evomerge.errors import EvomergeError
+from evomerge.evaluation.sandbox import describe, require_isolation
 from evomerge.recipe import Recipe
 from evomerge.search import storage as store
 from evomerge.search.heldout import evaluate_heldout
@@ -59,6 +60,8 @@ def run(job: SearchJob) -> dict[str, Any]:
     """Trials, then the best trial's held-out scores, then the results folder; returns the summary."""
     from evomerge.log import setup_logging
 
+    if job.space.runs_generated_code(heldout=job.heldout):
+        require_isolation()  # refused now, not after hours of trials
     searcher = job.searcher()
     setup_logging(log_file=searcher.results_dir / "search.log")
     if job.workers > 1:
@@ -71,6 +74,8 @@ def run(job: SearchJob) -> dict[str, Any]:
         if outcome.stopped:
             this_run["stopped"] = outcome.stopped
     extra = {"storage": store.shown(searcher.storage_url), "this_run": this_run}
+    if job.space.runs_generated_code(heldout=job.heldout):
+        extra["sandbox"] = describe()
     heldout = job.heldout and not this_run.get("interrupted")
     if job.heldout and this_run.get("interrupted"):
         extra["heldout_skipped"] = "interrupted; rerun the same command to resume and finish"
@@ -128,12 +133,12 @@ def _run_local_workers(job: SearchJob, searcher: Searcher) -> tuple[optuna.Study
     study = searcher.open_study()  # created once, before the workers race for it
     gpus = torch.cuda.device_count()
     command = [sys.executable, "-m", "evomerge", "search", str(job.space_file), "--worker", "-q",
-               "--storage", searcher.storage_url, "--study-name", searcher.study_name,
-               "--results", str(searcher.results_dir.parent)]
+               "--study-name", searcher.study_name, "--results", str(searcher.results_dir.parent)]
     for flag, value in (("--n-trials", job.n_trials), ("--timeout", job.timeout), ("--device", job.device)):
         if value is not None:
             command += [flag, str(value)]
-    processes = [subprocess.Popen(command, env=worker_environment(i, job.workers, gpus)) for i in range(job.workers)]
+    processes = [subprocess.Popen(command, env={**worker_environment(i, job.workers, gpus),
+                                                store.STORAGE_ENV: searcher.storage_url}) for i in range(job.workers)]
     log.info("started %d workers on study '%s' (%s)", job.workers, searcher.study_name, store.shown(searcher.storage_url))
     budget = job.n_trials or job.space.config.n_trials
     started = time.monotonic()
@@ -155,6 +160,8 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
     from evomerge.report.results import write_results
 
     storage = store.normalize_url(storage)
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise EvomergeError(f"--storage: no study database at {storage.removeprefix('sqlite:///')}")
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:

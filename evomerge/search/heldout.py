@@ -8,16 +8,9 @@ from typing import Any
 from evomerge.engine import MergeEngine
 from evomerge.evaluation import METRICS, Evaluator
 from evomerge.recipe import Recipe
-from evomerge.search.space import HeldoutEntry, SearchSpace
+from evomerge.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
-
-def heldout_entries(space: SearchSpace) -> list[HeldoutEntry]:
-    """The space's `heldout:` list, else each search task again, scored by accuracy."""
-    if space.config.heldout:
-        return list(space.config.heldout)
-    return [HeldoutEntry(task=t.task, metric="accuracy", size=t.size) for t in space.config.tasks]
-
 
 def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
     """Every source model as the engine sees it: a weight-1 linear "merge" of itself."""
@@ -29,7 +22,7 @@ def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
 
 def evaluate_heldout(space: SearchSpace, engine: MergeEngine, tokenizer, best_recipe: Recipe) -> dict[str, Any]:
     """Scores the winner and every source; combined = the mean over the tasks of one metric."""
-    entries = heldout_entries(space)
+    entries = space.heldout_entries()
     by_metric: dict[str, list] = {}
     for entry in entries:
         by_metric.setdefault(entry.metric, []).append(entry)

@@ -33,6 +33,7 @@ from evomerge.search import storage as store
 from evomerge.search.interrupts import InterruptGate
 from evomerge.search.sampler import make_sampler, suggest
 from evomerge.search.space import SearchSpace
+from evomerge.trials import check_study_name
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class Searcher:
                  results_root: str | Path | None = None, device: str | None = None, progress: bool = True):
         self.space = space
         self.study_name = study_name or space.name
+        try:
+            check_study_name(self.study_name)
+        except ValueError as exc:
+            raise SpaceError(f"--study-name: {exc}") from None
         root = Path(results_root or space.config.results_dir)
         self.results_dir = root / self.study_name
         self.results_dir.mkdir(parents=True, exist_ok=True)

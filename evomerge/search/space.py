@@ -25,11 +25,13 @@ from evomerge.evaluation import METRICS, TASKS, TaskRequest
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
 from evomerge.recipe import Recipe, format_validation_error
-from evomerge.trials import Dimension, dimension_name
+from evomerge.trials import Dimension, check_study_name, dimension_name
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf anywhere is a named error
+
+
 
 
 class ModelEntry(_Strict):
@@ -113,6 +115,11 @@ class SpaceConfig(_Strict):
     pruning: Pruning = Field(default_factory=Pruning)
     results_dir: str = "results"
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value):
+        return value if value is None else check_study_name(value)
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, value):
@@ -141,6 +148,8 @@ class SpaceConfig(_Strict):
         tasks = [t.task for t in self.tasks]
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks: each task once, got {tasks}")
+        if self.objective == "weighted_sum" and not sum(t.weight for t in self.tasks) > 0:
+            raise ValueError(f"tasks: the weights must sum to more than 0, got {[t.weight for t in self.tasks]}")
         copying = [m for m in self.methods if registry.get(m).copies_one_input]
         if self.stacking is not None and (len(self.methods) != 1 or not copying):
             raise ValueError("stacking: layer stacking searches slices that one method copies; "
@@ -242,6 +251,16 @@ class SearchSpace:
     @property
     def task_names(self) -> list[str]:
         return [t.task for t in self.config.tasks]
+
+    def heldout_entries(self) -> list[HeldoutEntry]:
+        """The `heldout:` list, else each search task again, scored by accuracy."""
+        return list(self.config.heldout or [HeldoutEntry(task=t.task, metric="accuracy", size=t.size)
+                                            for t in self.config.tasks])
+
+    def runs_generated_code(self, heldout: bool = True) -> bool:
+        """Whether scoring executes what the model writes (HumanEval accuracy)."""
+        entries = [*self.config.tasks, *(self.heldout_entries() if heldout else [])]
+        return any(e.task == "humaneval" and e.metric == "accuracy" for e in entries)
 
     @property
     def objectives(self) -> int:

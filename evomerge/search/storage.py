@@ -39,6 +39,7 @@ warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed", c
 warnings.filterwarnings("ignore", message=r".*(heartbeat_interval|fail_stale_trials).*",
                         category=optuna.exceptions.ExperimentalWarning)
 
+STORAGE_ENV = "EVOMERGE_STORAGE"  # how a storage URL (and its password) reaches a worker: never in argv
 HEARTBEAT_INTERVAL = 5  # seconds
 GRACE_PERIOD = 30  # seconds without a heartbeat before a remote trial counts as dead
 # Trials that hold (or will hold) a place in the budget.
