@@ -90,9 +90,16 @@ def _cmd_demo_family(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from evomerge.search import SearchJob, SearchSpace, dry_run, run, run_worker
 
+    count = args.dry_run
+    if count is not None and not count.isdigit() and args.space is None:
+        args.space, count = count, "3"  # `--dry-run SPACE.yaml`: the file, not a count
+    if args.space is None:
+        raise EvomergeError("search: give the search space file (SPACE.yaml)")
     space = SearchSpace.load(args.space)
-    if args.dry_run:
-        for i, recipe in enumerate(dry_run(space, args.dry_run)):
+    if count is not None:
+        if not count.isdigit() or int(count) < 1:
+            raise EvomergeError(f"--dry-run: N must be a whole number above 0, got {count!r}")
+        for i, recipe in enumerate(dry_run(space, int(count))):
             print(f"# candidate {i} ({recipe.merge_method})")
             print(recipe.to_yaml())
         return 0
@@ -187,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo_family)
 
     search = sub.add_parser("search", help="evolutionary search over merge recipes (resumable)")
-    search.add_argument("space", help="search space YAML (see search_spaces/)")
+    search.add_argument("space", nargs="?", help="search space YAML (see search_spaces/)")
     search.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
                         help=f"Optuna storage URL (default: ${STORAGE_ENV}, else SQLite in the results folder); "
                              f"prefer ${STORAGE_ENV} for URLs with a password: arguments are visible to every user")
@@ -197,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--device", default=None, help="override the space's device")
     search.add_argument("--results", default=None, help="results root (default: the space's results_dir)")
     search.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
-    search.add_argument("--dry-run", type=int, nargs="?", const=3, default=0, metavar="N",
+    search.add_argument("--dry-run", nargs="?", const="3", default=None, metavar="N",
                         help="print the first N recipes (default 3) without loading models")
     search.add_argument("--workers", type=int, default=1,
                         help="local worker processes on the study (one per GPU when there are several)")
@@ -233,6 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _disk_full(exc) or args.debug:
+            raise
+        where = getattr(exc, "filename", None)
+        print(f"evomerge: error: no space left on device{f' writing {where}' if where else ''}; what was finished "
+              "is kept (a merge leaves OUT_DIR as it was, a search keeps its trials in the study database): "
+              "free some space and rerun the same command", file=sys.stderr)
+        return 1
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, raised directly or by SQLite (\"database or disk is full\") through SQLAlchemy."""
+    import errno
+
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "database or disk is full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -27,9 +27,20 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield scratch
+        _ordinary_permissions(scratch)
         if target.exists():
             shutil.rmtree(target)
         os.replace(scratch, target)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """What the umask gives new files and folders: mkdtemp's 0700, and the 0600 some writers use for
+    their temporary files (safetensors, the peft/transformers savers), would make the result private."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

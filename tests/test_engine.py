@@ -428,3 +428,16 @@ def test_merging_many_recipes_writes_nothing_and_memory_stays_flat(tmp_path):
     # A leak of 1/37 of a model per recipe measured 0.60 MB/recipe here, no leak +-0.02 MB/recipe.
     assert slope < report["model_bytes"] / 50, (slope, report["model_bytes"], rss)
     assert max(rss) - report["rss"][4] < report["model_bytes"] / 2, (report["model_bytes"], report["rss"])
+
+
+def test_a_merged_checkpoint_has_ordinary_permissions(tiny_family, tmp_path):
+    """Written through a scratch folder, the checkpoint still gets the umask's permissions (not 0700)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LINEAR.format(base=tiny_family["base"], math=tiny_family["ft_math"]))
+    mask = os.umask(0o022)
+    try:
+        assert main(["merge", str(recipe), str(tmp_path / "merged"), "--device", "cpu", "-q"]) == 0
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "merged" / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -49,6 +49,12 @@ def test_two_builds_with_one_seed_give_identical_weights(tiny_family, tmp_path):
     manifest = json.loads((tmp_path / "a" / f"manifest-{TINY_RECIPE.digest()}.json").read_text())
     for record in manifest["members"].values():
         assert {"spec", "data_sha256", "seconds", "losses", "path"} <= set(record)
+    # A cached run keeps what the build took (it used to overwrite it with the reuse's ~0 s), and the
+    # members are ordinary files, readable by others (not mkdtemp's 0700).
+    build_family(tmp_path / "a", recipe=TINY_RECIPE, base_dir=Path(tiny_family["base"]), device="cpu", progress=False)
+    again = json.loads((tmp_path / "a" / f"manifest-{TINY_RECIPE.digest()}.json").read_text())
+    assert again["build_seconds"] == manifest["build_seconds"] > 0
+    assert first.members["math"].stat().st_mode & 0o005 == 0o005
 
 
 def test_an_interrupted_build_leaves_no_member_to_trust(tiny_family, tmp_path, monkeypatch):

@@ -221,6 +221,11 @@ def test_search_writes_every_output_and_resumes(tiny_family, tmp_path):
     assert best.merge_method in ("task_arithmetic", "ties")
     heldout = json.loads((results / "heldout.json").read_text())
     assert set(heldout["rows"]) == {"winner", "base", "math", "code", "know"}
+    # `evomerge report` rewrites the folder from the database and keeps the winner's held-out table.
+    from evomerge.search import write_report
+
+    again = write_report(summary["storage"], "tiny", tmp_path / "results")
+    assert again["heldout"] == summary["heldout"] and again["heldout"]["trial"] == summary["best"]["trial"]
     # Every completed trial can be re-run from its record alone.
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{results / 'study.db'}")
     record = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
@@ -567,3 +572,32 @@ def test_a_search_that_runs_generated_code_records_its_sandbox(tiny_family, tmp_
     assert summary["sandbox"]["isolation"] == "bubblewrap" and summary["trials"]["COMPLETE"] == 1
     saved = json.loads((tmp_path / "results" / "tiny" / "summary.json").read_text())
     assert saved["sandbox"] == summary["sandbox"]
+
+
+def test_a_full_disk_stops_cleanly_and_keeps_the_trials(tiny_family, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from evomerge.cli import main
+    from evomerge.report import results
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "results" / "tiny" / "leaderboard.csv"))
+
+    monkeypatch.setattr(results, "write_results", full)
+    space_file = _write(_space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False}), tmp_path / "s.yaml")
+    assert main(["search", str(space_file), "-q", "--no-heldout"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge:")]
+    assert len(err) == 1 and "no space left on device writing" in err[0] and "rerun the same command" in err[0]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/results/tiny/study.db")
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2  # the finished trials are kept
+
+
+@pytest.mark.parametrize("args", [["--dry-run", "{space}"], ["{space}", "--dry-run"], ["{space}", "--dry-run", "3"]])
+def test_dry_run_takes_the_space_before_or_after_the_flag(args, tiny_family, tmp_path, capsys):
+    from evomerge.cli import main
+
+    space_file = _write(_space(tiny_family, tmp_path), tmp_path / "s.yaml")
+    assert main(["search", *(a.format(space=space_file) for a in args)]) == 0
+    out = capsys.readouterr().out
+    assert "# candidate 2 (task_arithmetic)" in out and "# candidate 3" not in out
+    assert not (tmp_path / "results").exists()  # nothing loaded, nothing written

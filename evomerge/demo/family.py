@@ -285,15 +285,17 @@ def _build(root: Path, recipe: FamilyRecipe, device: str, progress: bool, base_d
     else:
         base_source = {"path": str(base_dir)}
     family = Family(root, {"base": Path(base_dir)})
-    members = {}
-    for spec in recipe.specialists:
+    members, built = {}, []
+    for number, spec in enumerate(recipe.specialists, 1):
         target = member_dir(spec, recipe, root)
         record_path = target / "evomerge-member.json"
         if (target / "model.safetensors").exists() and record_path.exists():
             members[spec.name] = json.loads(record_path.read_text())
             log.info("reusing %s (%s)", spec.name, target.name)
         else:
-            log.info("building specialist %s: %d LoRA steps on %s", spec.name, spec.steps, spec.task)
+            log.info("building specialist %d of %d, %s: %d LoRA steps on %s (built once, then cached)",
+                     number, len(recipe.specialists), spec.name, spec.steps, spec.task)
+            built.append(spec.name)
             stats = train_specialist(family.base, spec, target, device=torch_device,
                                      autocast_bf16=recipe.autocast_bf16, progress=progress)
             members[spec.name] = {"spec": asdict(spec), "data_sha256": data_digest(spec.task),
@@ -304,6 +306,9 @@ def _build(root: Path, recipe: FamilyRecipe, device: str, progress: bool, base_d
     manifest = {"recipe_digest": recipe.digest(), "recipe": asdict(recipe), "base": base_source,
                 "members": {name: {"path": str(family.members[name]), **record} for name, record in members.items()},
                 "last_run_seconds": round(time.perf_counter() - started, 1)}
+    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    # what building took: this run's time when it built something, else the build's own record
+    manifest["build_seconds"] = manifest["last_run_seconds"] if built else previous.get("build_seconds")
     manifest_path.write_text(json.dumps(manifest, indent=2))
     family.manifest = manifest
     return family

@@ -89,7 +89,7 @@ tags:
 ---
 # {name}
 
-This model was merged with [evomerge](https://github.com/evomerge/evomerge) {__version__}
+This model was merged with evomerge {__version__}
 using the **{recipe.merge_method}** method. The recipe below is a mergekit configuration:
 `mergekit-yaml mergekit_config.yml OUT` or `evomerge merge mergekit_config.yml OUT` reproduces it.
 

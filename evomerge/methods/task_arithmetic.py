@@ -242,19 +242,17 @@ def _define(name: str, *, consensus: bool, sparsify: str | None, normalize: bool
     )
 
 
-_define("task_arithmetic", consensus=False, sparsify=None, normalize=False, rescale=False,
-        reference="https://arxiv.org/abs/2212.04089")
-_define("ties", consensus=True, sparsify="magnitude", normalize=True, rescale=False,
-        reference="https://arxiv.org/abs/2306.01708")
-_define("dare_ties", consensus=True, sparsify="random", normalize=False, rescale=True,
-        reference="https://arxiv.org/abs/2311.03099")
-_define("dare_linear", consensus=False, sparsify="random", normalize=False, rescale=True,
-        reference="https://arxiv.org/abs/2311.03099")
-_define("breadcrumbs", consensus=False, sparsify="magnitude_outliers", normalize=False, rescale=False,
-        reference="https://arxiv.org/abs/2312.06795")
-_define("breadcrumbs_ties", consensus=True, sparsify="magnitude_outliers", normalize=False, rescale=False,
-        reference="https://arxiv.org/abs/2312.06795")
-_define("della", consensus=True, sparsify="della_magprune", normalize=True, rescale=True,
-        reference="https://arxiv.org/abs/2406.11617")
-_define("della_linear", consensus=False, sparsify="della_magprune", normalize=False, rescale=True,
-        reference="https://arxiv.org/abs/2406.11617")
+# name, TIES sign election, sparsification, normalize and rescale defaults (mergekit's), paper
+FAMILY = (
+    ("task_arithmetic", False, None, False, False, "2212.04089"),
+    ("ties", True, "magnitude", True, False, "2306.01708"),
+    ("dare_ties", True, "random", False, True, "2311.03099"),
+    ("dare_linear", False, "random", False, True, "2311.03099"),
+    ("breadcrumbs", False, "magnitude_outliers", False, False, "2312.06795"),
+    ("breadcrumbs_ties", True, "magnitude_outliers", False, False, "2312.06795"),
+    ("della", True, "della_magprune", True, True, "2406.11617"),
+    ("della_linear", False, "della_magprune", False, True, "2406.11617"),
+)
+for _name, _consensus, _sparsify, _normalize, _rescale, _paper in FAMILY:
+    _define(_name, consensus=_consensus, sparsify=_sparsify, normalize=_normalize, rescale=_rescale,
+            reference=f"https://arxiv.org/abs/{_paper}")

@@ -9,6 +9,7 @@ are its other entry points.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -93,7 +94,7 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
             searcher.load()
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
         held = evaluate_heldout(searcher.space, searcher.engine, searcher.evaluator.tokenizer,
-                                Recipe.from_yaml(best.recipe))
+                                Recipe.from_yaml(best.recipe)) | {"trial": best.number}
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
                          extra=extra, rename=searcher.space.portable_refs)
 
@@ -166,8 +167,13 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise EvomergeError(f"no study '{study_name}' in {store.redacted(storage)}") from None
-    if heldout_space is None:
-        return write_results(study, Path(results_root) / study_name, task_names=study_task_names(study),
+    if heldout_space is None:  # the held-out table already written for this study's winner stays
+        from evomerge.report.results import best_trial
+
+        folder, best = Path(results_root) / study_name, best_trial(study)
+        held = json.loads((folder / "heldout.json").read_text()) if (folder / "heldout.json").is_file() else None
+        held = held if held and best and held.get("trial") == best.number else None
+        return write_results(study, folder, task_names=study_task_names(study), heldout=held,
                              extra={"storage": store.shown(storage)})
     searcher = Searcher(heldout_space, storage=storage, study_name=study_name, results_root=results_root)
     searcher.open_study()  # refuses a space other than the study's
