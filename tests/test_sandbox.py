@@ -280,3 +280,66 @@ def test_wrong_solutions_fail(solution):
     results = run_jobs(_humaneval_jobs(solution), Limits(timeout_s=10, cpu_seconds=10))
     # A handful of HumanEval problems accept None/empty; nearly all must fail.
     assert sum(r.passed for r in results) <= 3
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def test_hostile_programs_are_contained_when_the_evaluator_is_an_ordinary_user(listeners, monkeypatch):
+    """The same suite with the evaluator running as `nobody` (unprivileged user namespaces), as on a
+    researcher's GPU server: a forked evaluator drops to uid 65534 and runs every hostile program,
+    with a system Python for the sandbox (this one lives under /root, which nobody may read)."""
+    import json
+    import shutil
+    import tempfile
+
+    _needs_kernel_isolation()
+    if os.geteuid() != 0:
+        pytest.skip("the evaluator is already an ordinary user: the suite above ran as one")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs a system Python at {SYSTEM_PYTHON} for the sandbox of an unprivileged evaluator")
+    from evomerge.evaluation import sandbox
+
+    addresses, hits = listeners
+    canary = Path(tempfile.mkdtemp(prefix="evomerge-canary-"))  # reachable by nobody outside a sandbox
+    try:
+        (canary / "keep.txt").write_text("precious")
+        (canary / "sub").mkdir()
+        (canary / "sub" / "deep.txt").write_text("also precious")
+        for path in [canary, *canary.rglob("*")]:
+            path.chmod(0o777 if path.is_dir() else 0o666)
+        before = _snapshot(canary)
+        monkeypatch.setenv("EVOMERGE_SECRET", "hunter2")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the unprivileged evaluator
+            try:
+                os.close(read)
+                os.environ[sandbox.PYTHON_ENV] = SYSTEM_PYTHON
+                sandbox.bubblewrap.cache_clear()
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                jobs = [Job(HOSTILE[name].format(canary=canary, evaluator=os.getpid(), **addresses), TESTS,
+                            entry_point="solve") for name in sorted(HOSTILE)]
+                results = run_jobs(jobs, FAST)
+                control = run_job(Job("def solve(x):\n    return 2 * x\n", TESTS, entry_point="solve"), FAST)
+                report = {"uid": os.getuid(), "control": control.passed, "layers": list(control.layers),
+                          "results": [[name, r.passed, r.stdout + r.stderr] for name, r in zip(sorted(HOSTILE), results)]}
+                os.write(write, json.dumps(report).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        chunks = []
+        while chunk := os.read(read, 1 << 20):
+            chunks.append(chunk)
+        os.close(read)
+        os.waitpid(pid, 0)
+        report = json.loads(b"".join(chunks))
+        time.sleep(2.5)  # a daemon would write after its sandbox is gone
+        assert report["uid"] == 65534 and report["control"] and "bubblewrap" in report["layers"]
+        assert [name for name, passed, _ in report["results"] if passed] == []
+        assert [name for name, _, output in report["results"] if "hunter2" in output or "root:" in output] == []
+        assert _snapshot(canary) == before and not hits
+    finally:
+        shutil.rmtree(canary, ignore_errors=True)

@@ -601,3 +601,21 @@ def test_dry_run_takes_the_space_before_or_after_the_flag(args, tiny_family, tmp
     out = capsys.readouterr().out
     assert "# candidate 2 (task_arithmetic)" in out and "# candidate 3" not in out
     assert not (tmp_path / "results").exists()  # nothing loaded, nothing written
+
+
+def test_paths_are_written_as_the_user_gave_them(tiny_family, tmp_path, monkeypatch):
+    """`~/…` in a space stays `~/…` in what a search writes (best.yaml, leaderboard), and that recipe
+    merges as it is: a home folder's path is nobody else's."""
+    from evomerge.cli import main
+
+    home = Path(tiny_family["base"]).parent.parent
+    monkeypatch.setenv("HOME", str(home))
+    family = Path(tiny_family["base"]).parent.name
+    space = _space(tiny_family, tmp_path, n_trials=1, pruning={"enabled": False})
+    space["models"] = [{"name": "math", "path": f"~/{family}/ft_math"}, {"name": "code", "path": f"~/{family}/ft_code"}]
+    run_search(SearchSpace.from_dict(space, source=tmp_path / "s.yaml"), heldout=False, progress=False)
+    results = tmp_path / "results" / "tiny"
+    for name in ("best.yaml", "leaderboard.csv"):
+        text = (results / name).read_text()
+        assert f"~/{family}/ft_math" in text and tiny_family["ft_math"] not in text, name
+    assert main(["merge", str(results / "best.yaml"), str(tmp_path / "merged"), "--device", "cpu", "-q"]) == 0

@@ -45,6 +45,11 @@ CHILD = Path(child.__file__)
 NOBODY = 65534
 INSIDE = "/sandbox"  # where the program's folder appears inside bubblewrap
 MODE_ENV = "EVOMERGE_SANDBOX"  # auto (bubblewrap, else refuse) | weak (opt in to the inner layers alone)
+# The interpreter generated code runs in (the child is standard library only, so any Python 3 does):
+# this one by default; a system Python where this one lives in a folder the sandbox cannot mount,
+# e.g. a private home when the evaluator runs as an ordinary user.
+PYTHON_ENV = "EVOMERGE_SANDBOX_PYTHON"
+CHILD_SOURCE = CHILD.read_text(encoding="utf-8")  # read once: the evaluator may not keep access to it
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,11 @@ def bubblewrap() -> tuple[str, ...] | None:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None
-    python = Path(sys.executable).resolve()
+    python = Path(os.environ.get(PYTHON_ENV) or sys.executable).resolve()
+    prefixes = (sys.base_prefix, sys.prefix) if python == Path(sys.executable).resolve() else ()
     binds: list[str] = []
-    for path in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", sys.base_prefix,
-                 sys.prefix, str(python.parent.parent)):
+    for path in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", *prefixes,
+                 str(python.parent.parent)):
         if os.path.exists(path):
             binds += ["--ro-bind", path, path]
     command = (bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
@@ -252,7 +258,7 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
     reply_r, reply_w = os.pipe()
     try:
         (workdir / "program.py").write_text(job.program, encoding="utf-8")
-        shutil.copy(CHILD, workdir / "child.py")
+        (workdir / "child.py").write_text(CHILD_SOURCE, encoding="utf-8")
         if os.geteuid() == 0 and wrap is None:  # the weak path drops root to nobody inside the child
             os.chown(workdir, NOBODY, NOBODY)
             os.chmod(workdir, 0o700)
@@ -265,7 +271,7 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
             command = [*wrap[:-1], "--bind", str(workdir), INSIDE, "--chdir", INSIDE, wrap[-1], "-I", "-S", *program]
             env = None
         else:
-            command = [sys.executable, "-I", "-S", *program]
+            command = [os.environ.get(PYTHON_ENV) or sys.executable, "-I", "-S", *program]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": inside, "TMPDIR": inside,
                    "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
         start = time.monotonic()

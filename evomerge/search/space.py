@@ -198,8 +198,10 @@ class SearchSpace:
         self.name = config.name or (source.stem if source else "study")
         refs = [m if isinstance(m, str) else m.path for m in config.models] + [config.base_model or ""]
         self.uses_demo_family = any(map(is_member_ref, refs))
-        # Demo-family members by name in what a search writes: their cache paths mean nothing elsewhere.
-        self.portable_refs = {member_path(ref): ref for ref in refs if is_member_ref(ref)}
+        # What a search writes names models as the user did: demo-family members by name (their cache
+        # paths mean nothing elsewhere) and `~/…` paths unexpanded (a home folder is no one else's).
+        self.portable_refs = {member_path(ref): ref for ref in refs if is_member_ref(ref)} | {
+            _resolve(ref, here): ref for ref in refs if ref.startswith("~")}
         for method in config.methods:
             spec = registry.get(method)
             if spec.copies_one_input:
