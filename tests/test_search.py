@@ -619,3 +619,26 @@ def test_paths_are_written_as_the_user_gave_them(tiny_family, tmp_path, monkeypa
         text = (results / name).read_text()
         assert f"~/{family}/ft_math" in text and tiny_family["ft_math"] not in text, name
     assert main(["merge", str(results / "best.yaml"), str(tmp_path / "merged"), "--device", "cpu", "-q"]) == 0
+
+
+@pytest.mark.parametrize("override,extra,message", [
+    ({"parameters": {"weight": {"low": 0, "high": float("inf")}}}, [], "parameters.weight.high"),
+    ({"methods": "ties", "parameters": {"density": {"low": 0, "high": 1}}}, [], "parameters.density.low"),
+    ({"tasks": [{"task": "gsm8k", "weight": 0}, {"task": "mmlu", "weight": 0}]}, [], "tasks: the weights"),
+    ({}, ["--study-name", "../tiny"], "--study-name: study name '../tiny'"),
+])
+def test_bad_input_leaves_sources_and_studies_byte_identical(override, extra, message, tiny_family, tmp_path, capsys):
+    """A finished study and its sources, then bad input through the command line: exit 2, one line naming
+    the field, and every byte of the study database and of the sources as it was."""
+    from evomerge.cli import main
+
+    good = _write(_space(tiny_family, tmp_path, n_trials=1, pruning={"enabled": False}), tmp_path / "good.yaml")
+    assert main(["search", str(good), "-q", "--no-heldout"]) == 0
+    watched = [tmp_path / "results" / "tiny" / "study.db", *(Path(p) / "model.safetensors" for p in tiny_family.values())]
+    before = [p.read_bytes() for p in watched]
+    capsys.readouterr()
+    bad = _write(_space(tiny_family, tmp_path, n_trials=1, **override), tmp_path / "bad.yaml")
+    assert main(["search", str(bad), "-q", *extra]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge:")]
+    assert len(err) == 1 and message in err[0], err
+    assert [p.read_bytes() for p in watched] == before
