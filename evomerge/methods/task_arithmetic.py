@@ -10,7 +10,7 @@ took part. Defaults per name are mergekit's.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 
