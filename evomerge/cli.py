@@ -104,7 +104,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             print(recipe.to_yaml())
         return 0
     common = {"storage": args.storage, "study_name": args.study_name, "n_trials": args.n_trials,
-              "timeout": args.timeout, "device": args.device, "results_root": args.results}
+              "timeout": args.timeout, "device": args.device, "results_root": args.results, "threads": args.threads}
     if args.worker:
         return run_worker(space, **common)
     summary = run(SearchJob(space, heldout=not args.no_heldout, progress=not args.quiet, workers=args.workers,
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--n-trials", type=_positive(int), default=None, help="override the space's n_trials")
     search.add_argument("--timeout", type=_positive(float), default=None, help="seconds; override the space's timeout")
     search.add_argument("--device", default=None, help="override the space's device")
+    search.add_argument("--threads", type=_positive(int), default=None,
+                        help="CPU threads for torch and the tokenizers (default: the space's threads, else the cores "
+                             "available to this process)")
     search.add_argument("--results", default=None, help="results root (default: the space's results_dir)")
     search.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
     search.add_argument("--dry-run", nargs="?", const="3", default=None, metavar="N",

@@ -3,6 +3,8 @@ evaluator (which know nothing of each other). The one table of dtype names lives
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import torch
 
@@ -39,6 +41,20 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvomergeError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def use_threads(threads: int | None = None) -> int:
+    """One thread count for torch's intra-op pool and the tokenizers' pool (default: the cores
+    available): torch's own default ignores the affinity mask and oversubscribes shared machines."""
+    threads = threads or available_cores()
+    torch.set_num_threads(threads)
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the tokenizers' pool first starts
+    return threads
 
 
 def available_bytes(device: torch.device) -> int:

@@ -45,6 +45,7 @@ FIELDS: Mapping[str, str] = {
     "scores": "scores",
     "first_rung_scores": "first_rung_scores",
     "seconds": "seconds",
+    "cpu_seconds": "cpu_seconds",  # CPU time of the worker process (all its threads) for the trial
     "merge_seconds": "merge_seconds",
     "fail_reason": "fail_reason",
     "interrupted": "interrupted",
@@ -112,6 +113,7 @@ class TrialRecord:
     scores: dict[str, float] = field(default_factory=dict)
     first_rung_scores: dict[str, float] = field(default_factory=dict)
     seconds: float | None = None
+    cpu_seconds: float | None = None
     merge_seconds: float | None = None
     fail_reason: str | None = None
     interrupted: bool = False

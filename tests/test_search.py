@@ -642,3 +642,22 @@ def test_bad_input_leaves_sources_and_studies_byte_identical(override, extra, me
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge:")]
     assert len(err) == 1 and message in err[0], err
     assert [p.read_bytes() for p in watched] == before
+
+
+def test_same_seed_same_numbers_with_one_thread_or_two(tiny_family, tmp_path):
+    """Two searches of one space and seed, with 1 and with 2 CPU threads: identical proposals and
+    identical scores; each trial records its CPU time, and the setting reaches torch."""
+    import torch
+
+    from evomerge.search import SearchJob, run
+
+    records = []
+    for threads in (1, 2):
+        space = SearchSpace.from_dict(_space(tiny_family, tmp_path / f"t{threads}", n_trials=6,
+                                             pruning={"enabled": False}, methods=["task_arithmetic", "ties"]))
+        summary = run(SearchJob(space, threads=threads, heldout=False, progress=False))
+        assert torch.get_num_threads() == threads and os.environ["RAYON_NUM_THREADS"] == str(threads)
+        study = optuna.load_study(study_name="tiny", storage=summary["storage"])
+        records.append([(t.params, t.user_attrs["scores"], t.values) for t in study.trials])
+        assert all(t.user_attrs["cpu_seconds"] > 0 for t in study.trials)
+    assert len(records[0]) == 6 and records[0] == records[1]

@@ -110,10 +110,10 @@ def _leaderboard(study: optuna.Study, results_dir: Path, task_names: list[str], 
     rows = ranked(study)
     with open(results_dir / "leaderboard.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["rank", "trial", "score", "method", *task_names, "seconds", "recipe"])
+        writer.writerow(["rank", "trial", "score", "method", *task_names, "seconds", "cpu_seconds", "recipe"])
         for rank, r in enumerate(rows, 1):
             writer.writerow([rank, r.number, f"{r.score:.6f}", r.method,
-                             *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names), r.seconds,
+                             *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names), r.seconds, r.cpu_seconds,
                              Recipe.from_yaml(r.recipe).with_models(rename).to_yaml() if rename else r.recipe])
     header = ["rank", "trial", "score", "method", *task_names, "parameters"]
     table = []

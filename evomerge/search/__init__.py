@@ -49,12 +49,13 @@ class SearchJob:
     results_root: str | Path | None = None
     heldout: bool = True
     progress: bool = True
+    threads: int | None = None  # CPU threads of this process (of each worker: its share)
     workers: int = 1  # local worker processes; 1 runs the trials in this process
     space_file: str | None = None  # what the worker processes load (with workers > 1)
 
     def searcher(self) -> Searcher:
         return Searcher(self.space, storage=self.storage, study_name=self.study_name, results_root=self.results_root,
-                        device=self.device, progress=self.progress)
+                        device=self.device, progress=self.progress, threads=self.threads)
 
 
 def run(job: SearchJob) -> dict[str, Any]:
@@ -135,7 +136,9 @@ def _run_local_workers(job: SearchJob, searcher: Searcher) -> tuple[optuna.Study
     gpus = torch.cuda.device_count()
     command = [sys.executable, "-m", "evomerge", "search", str(job.space_file), "--worker", "-q",
                "--study-name", searcher.study_name, "--results", str(searcher.results_dir.parent)]
-    for flag, value in (("--n-trials", job.n_trials), ("--timeout", job.timeout), ("--device", job.device)):
+    threads = None if gpus else max(1, searcher.threads // job.workers)  # CPU workers split the cores
+    for flag, value in (("--n-trials", job.n_trials), ("--timeout", job.timeout), ("--device", job.device),
+                        ("--threads", threads)):
         if value is not None:
             command += [flag, str(value)]
     processes = [subprocess.Popen(command, env={**worker_environment(i, job.workers, gpus),

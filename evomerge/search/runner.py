@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from evomerge import trials as record
+from evomerge.device import use_threads
 from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError, MergeFailure, SpaceError
 from evomerge.evaluation import Evaluator, Scores
@@ -89,8 +90,10 @@ def space_fingerprint(space: SearchSpace) -> str:
 
 class Searcher:
     def __init__(self, space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
-                 results_root: str | Path | None = None, device: str | None = None, progress: bool = True):
+                 results_root: str | Path | None = None, device: str | None = None, progress: bool = True,
+                 threads: int | None = None):
         self.space = space
+        self.threads = use_threads(threads or space.config.threads)
         self.study_name = study_name or space.name
         try:
             check_study_name(self.study_name)
@@ -161,7 +164,7 @@ class Searcher:
         recipe = self.recipe_for(trial)
         text = recipe.to_yaml()
         record.write(trial, recipe=text, method=recipe.merge_method, seed=config.seed)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         key = hashlib.sha256(text.encode()).hexdigest()
         if key in self._recipe_scores:  # the same recipe again (e.g. a parameter-less method)
             value, scores = self._recipe_scores[key]
@@ -187,7 +190,8 @@ class Searcher:
         else:
             scores = self._score(model).scores
         record.write(trial, scores=scores, merge_seconds=round(merge_seconds, 3),
-                     seconds=round(time.perf_counter() - started, 2))
+                     seconds=round(time.perf_counter() - started, 2),
+                     cpu_seconds=round(time.process_time() - cpu_started, 2))
         value = self.space.objective(scores)
         self._recipe_scores[key] = (value, scores)
         return value
@@ -215,8 +219,9 @@ class Searcher:
         if recovered:
             log.info("recovered %d trial(s) of dead workers (re-queued)", recovered)
         done_before = store.finished_count(study)
-        log.info("study '%s' in %s: %d finished trials so far, budget %s", self.study_name, store.shown(self.storage_url),
-                 done_before, n_trials if n_trials is not None else "unbounded")
+        log.info("study '%s' in %s: %d finished trials so far, budget %s, %d CPU threads", self.study_name,
+                 store.shown(self.storage_url), done_before, n_trials if n_trials is not None else "unbounded",
+                 self.threads)
         outcome = SearchOutcome(study)
         if self.engine is None:
             self.load()

@@ -106,6 +106,7 @@ class SpaceConfig(_Strict):
     n_trials: Optional[int] = Field(None, ge=1)
     timeout: Optional[float] = Field(None, gt=0)  # seconds
     seed: int = 0
+    threads: Optional[int] = Field(None, ge=1)  # CPU threads (torch, tokenizers); default: the cores available
     device: str = "auto"
     dtype: Optional[str] = "bfloat16"
     out_dtype: Optional[str] = None
