@@ -199,11 +199,12 @@ def _safetensors_data_end(file: Path, ref: str) -> int:
         raise corrupt(f"its header is a JSON {type(header).__name__}, not an object")
     ends = []
     for name, entry in header.items():
+        if name == "__metadata__":
+            continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if name != "__metadata__" and not (isinstance(offsets, list) and len(offsets) == 2 and
-                                           all(isinstance(o, int) and o >= 0 for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
             raise corrupt(f"tensor '{name}' has no valid data_offsets")
-        ends += [offsets[1]] if name != "__metadata__" else []
+        ends.append(offsets[1])
     return 8 + header_len + max(ends, default=0)
 
 

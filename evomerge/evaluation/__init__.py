@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from evomerge.evaluation.data import TASKS
-from evomerge.evaluation.harness import METRICS, Evaluator, Scores, TaskRequest
+from evomerge.evaluation.harness import METRICS, Evaluator, Scores, TaskRequest, runs_generated_code
 
-__all__ = ["METRICS", "TASKS", "Evaluator", "Scores", "TaskRequest", "load_model"]
+__all__ = ["METRICS", "TASKS", "Evaluator", "Scores", "TaskRequest", "load_model", "runs_generated_code"]
 
 
 def load_model(ref: str, *, device: str = "auto", dtype: str | None = None):

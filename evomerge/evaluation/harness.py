@@ -70,6 +70,11 @@ def offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def runs_generated_code(task: str, metric: str) -> bool:
+    """Whether scoring this task executes what the model writes (HumanEval's pass@1)."""
+    return TASK_TABLE[(task, metric)][1] == "pass@1"
+
+
 @dataclass(frozen=True)
 class TaskRequest:
     """One task to score: which benchmark, which metric, how many items, how many shots."""
@@ -156,7 +161,7 @@ class Evaluator:
         self._model = None
         tasklib.set_token_counter(lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
         tasklib.set_sandbox_options(workers=sandbox_workers)
-        if any(r.task == "humaneval" and r.metric == "accuracy" for r in self.requests):
+        if any(runs_generated_code(r.task, r.metric) for r in self.requests):
             from evomerge.evaluation.sandbox import require_isolation
 
             require_isolation()  # before any generation: refused here, not after minutes of it

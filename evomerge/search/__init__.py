@@ -62,7 +62,8 @@ def run(job: SearchJob) -> dict[str, Any]:
     """Trials, then the best trial's held-out scores, then the results folder; returns the summary."""
     from evomerge.log import setup_logging
 
-    if job.space.runs_generated_code(heldout=job.heldout):
+    runs_code = job.space.runs_generated_code(heldout=job.heldout)
+    if runs_code:
         require_isolation()  # refused now, not after hours of trials
     searcher = job.searcher()
     setup_logging(log_file=searcher.results_dir / "search.log")
@@ -76,7 +77,7 @@ def run(job: SearchJob) -> dict[str, Any]:
         if outcome.stopped:
             this_run["stopped"] = outcome.stopped
     extra = {"storage": store.shown(searcher.storage_url), "this_run": this_run}
-    if job.space.runs_generated_code(heldout=job.heldout):
+    if runs_code:
         extra["sandbox"] = describe()
     heldout = job.heldout and not this_run.get("interrupted")
     if job.heldout and this_run.get("interrupted"):
@@ -164,8 +165,9 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
     from evomerge.report.results import write_results
 
     storage = store.normalize_url(storage)
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        raise EvomergeError(f"--storage: no study database at {storage.removeprefix('sqlite:///')}")
+    database = store.sqlite_path(storage)
+    if database is not None and not database.is_file():
+        raise EvomergeError(f"--storage: no study database at {database}")
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.demo.family import is_member_ref, member_path
 from evomerge.errors import EvomergeError, SpaceError
-from evomerge.evaluation import METRICS, TASKS, TaskRequest
+from evomerge.evaluation import METRICS, TASKS, TaskRequest, runs_generated_code
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
 from evomerge.recipe import Recipe, format_validation_error
@@ -186,22 +186,27 @@ class SearchSpace:
         self.source = source
         here = source.parent if source else Path.cwd()
         self.models: dict[str, str] = {}
+        # What a search writes names models as the user did: demo-family members by name (their cache
+        # paths mean nothing elsewhere) and `~/…` paths unexpanded (a home folder is no one else's).
+        self.portable_refs: dict[str, str] = {}
+
+        def resolve(ref: str) -> str:
+            path = _resolve(ref, here)
+            if is_member_ref(ref) or ref.startswith("~"):
+                self.portable_refs[path] = ref
+            return path
+
         try:
             for entry in config.models:
                 name, path = (entry.name, entry.path) if isinstance(entry, ModelEntry) else (Path(entry).name, entry)
-                self.models[name] = _resolve(path, here)
+                self.models[name] = resolve(path)
             base = config.base_model
             # base_model may name an entry of `models` or be a path of its own
-            self.base = None if base is None else self.models[base] if base in self.models else _resolve(base, here)
+            self.base = None if base is None else self.models[base] if base in self.models else resolve(base)
         except EvomergeError as exc:
             raise SpaceError(f"{self._where}{exc}") from None
         self.name = config.name or (source.stem if source else "study")
-        refs = [m if isinstance(m, str) else m.path for m in config.models] + [config.base_model or ""]
-        self.uses_demo_family = any(map(is_member_ref, refs))
-        # What a search writes names models as the user did: demo-family members by name (their cache
-        # paths mean nothing elsewhere) and `~/…` paths unexpanded (a home folder is no one else's).
-        self.portable_refs = {member_path(ref): ref for ref in refs if is_member_ref(ref)} | {
-            _resolve(ref, here): ref for ref in refs if ref.startswith("~")}
+        self.uses_demo_family = any(map(is_member_ref, self.portable_refs.values()))
         for method in config.methods:
             spec = registry.get(method)
             if spec.copies_one_input:
@@ -262,7 +267,7 @@ class SearchSpace:
     def runs_generated_code(self, heldout: bool = True) -> bool:
         """Whether scoring executes what the model writes (HumanEval accuracy)."""
         entries = [*self.config.tasks, *(self.heldout_entries() if heldout else [])]
-        return any(e.task == "humaneval" and e.metric == "accuracy" for e in entries)
+        return any(runs_generated_code(e.task, e.metric) for e in entries)
 
     @property
     def objectives(self) -> int:

@@ -97,11 +97,16 @@ def open_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL, None for other storages."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
 def shown(url: str) -> str:
     """The URL as logs and results files show it: no password, and a SQLite file under the working
     directory as a relative path (results shared from a checkout name no machine's folders)."""
-    path = Path(url.removeprefix("sqlite:///"))
-    if url.startswith("sqlite:///") and path.is_absolute() and path.is_relative_to(Path.cwd()):
+    path = sqlite_path(url)
+    if path is not None and path.is_absolute() and path.is_relative_to(Path.cwd()):
         return "sqlite:///" + str(path.relative_to(Path.cwd()))
     return redacted(url)
 
@@ -187,11 +192,11 @@ class AdmissionLock:
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
-        if self.url.startswith("sqlite:///"):
+        database = sqlite_path(self.url)
+        if database is not None:
             from filelock import FileLock
 
-            path = Path(self.url.removeprefix("sqlite:///"))
-            with FileLock(str(path) + ".lock", timeout=600):
+            with FileLock(str(database) + ".lock", timeout=600):
                 yield
         elif self.url.startswith(("postgresql", "postgres")):
             import psycopg
