@@ -122,7 +122,7 @@ MACHINE_PATH = re.compile(r"(?<![\w.])(/tmp/|/home/|/root/|/work/|/Users/|[A-Z]:
 
 def test_shipped_files_name_no_machine_paths():
     shipped = [REPO / "README.md", *(REPO / "docs").rglob("*.md"), *(REPO / "search_spaces").glob("*.yaml"),
-               *(p for p in (REPO / "results").rglob("*") if p.suffix in (".yaml", ".csv", ".json", ".md"))]
+               *(p for p in (REPO / "docs").rglob("*") if p.suffix in (".yaml", ".csv", ".json"))]
     found = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in shipped
              for m in MACHINE_PATH.finditer(p.read_text(encoding="utf-8"))]
     assert found == []
@@ -133,9 +133,28 @@ def test_shipped_demo_recipe_names_the_family_and_resolves_on_any_machine(tmp_pa
     from evomerge.recipe import Recipe
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
-    recipe = Recipe.load(REPO / "results" / "demo" / "best.yaml")
+    recipe = Recipe.load(REPO / "docs" / "demo-results" / "best.yaml")
     refs = recipe.referenced_models()
     assert refs and all(map(is_member_ref, refs))
     resolved = recipe.with_models({ref: member_path(ref) for ref in refs})
     assert all(Path(ref).is_relative_to(tmp_path / "cache") for ref in resolved.referenced_models())
     assert resolved.to_dict()["models"][0]["parameters"] == recipe.to_dict()["models"][0]["parameters"]
+
+
+def test_the_readme_command_writes_where_the_repository_tracks_nothing():
+    """`evomerge search search_spaces/demo.yaml` (the README's main command) writes results/<study>/:
+    a git-ignored folder holding no tracked file, so running it leaves `git status` clean."""
+    import subprocess
+
+    from evomerge.search.space import SearchSpace
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert "evomerge search search_spaces/demo.yaml" in (REPO / "README.md").read_text(encoding="utf-8")
+    space = SearchSpace.load(REPO / "search_spaces" / "demo.yaml")
+    written = Path(space.config.results_dir) / space.config.name
+    for name in ("best.yaml", "summary.json", "study.db", "search.log", "history.png"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(written / name)], cwd=REPO)
+        assert ignored.returncode == 0, f"{written / name} is not ignored by git"
+    tracked = subprocess.run(["git", "ls-files", str(written)], cwd=REPO, capture_output=True, text=True, check=True)
+    assert tracked.stdout == ""
