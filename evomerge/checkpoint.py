@@ -8,6 +8,7 @@ refused unless the caller opts in; GGUF files are dequantized through transforme
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -287,3 +288,39 @@ def _from_hub_cache(ref: str, repo_id: str, revision: str | None) -> Path:
             f"model '{ref}': not a local directory, not in the Hugging Face cache, and the hub did not answer: "
             f"{_one_line(exc)}"
         ) from None
+
+
+def file_sha256(file: Path) -> str:
+    """sha256 of a file, streamed; remembered in the cache by path, size and modification time, so
+    a multi-GB source is hashed once, not on every run."""
+    from filelock import FileLock
+
+    from evomerge.paths import cache_dir
+
+    file = Path(file).resolve()
+    stat = file.stat()
+    key = f"{file}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo = cache_dir() / "sha256.json"
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(memo) + ".lock"):
+        known = json.loads(memo.read_text()) if memo.exists() else {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    with FileLock(str(memo) + ".lock"):
+        known = json.loads(memo.read_text()) if memo.exists() else {}
+        known[key] = digest.hexdigest()
+        memo.write_text(json.dumps(known, indent=0))
+    return digest.hexdigest()
+
+
+def weights_sha256(ref: str) -> str:
+    """One sha256 for a model's weights: over its weight files' names and sha256s, in name order."""
+    model = locate(ref, allow_bin=True)
+    digest = hashlib.sha256()
+    for file in sorted(model.files, key=lambda f: f.name):
+        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()

@@ -90,6 +90,8 @@ def _cmd_demo_family(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from evomerge.search import SearchJob, SearchSpace, dry_run, run, run_worker
 
+    if args.reproduce:
+        return _reproduce(args)
     count = args.dry_run
     if count is not None and not count.isdigit() and args.space is None:
         args.space, count = count, "3"  # `--dry-run SPACE.yaml`: the file, not a count
@@ -112,6 +114,23 @@ def _cmd_search(args: argparse.Namespace) -> int:
     _print_summary(summary)
     this_run = summary.get("this_run", {})
     return 130 if this_run.get("interrupted") else 1 if this_run.get("stopped") else 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from evomerge.search.reproduce import reproduce
+
+    if args.space:
+        raise EvomergeError("--reproduce: give the results folder only (its summary.json holds the space)")
+    report = reproduce(args.reproduce, device=args.device, threads=args.threads, progress=not args.quiet)
+    for row in report["rows"]:
+        difference = row["largest_difference"]
+        print(f"trial {row['trial']:>4}  {row['state']:<8}  params {'same' if row['same_params'] else 'DIFFER'}  "
+              f"state {'same' if row['same_state'] else 'DIFFERS'}  largest score difference "
+              f"{'missing' if difference is None else f'{difference:.3g}'}")
+    print(f"{report['reproduced']} of {report['trials']} trials reproduced within {report['tolerance']:g} "
+          f"(largest difference {report['largest_difference']}); inputs changed: "
+          f"{', '.join(report['changed_inputs']) or 'none'}; written to {args.reproduce}/reproduce.md")
+    return 0 if report["reproduced"] == report["trials"] and not report["changed_inputs"] else 1
 
 
 def _print_summary(summary: dict) -> None:
@@ -213,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local worker processes on the study (one per GPU when there are several)")
     search.add_argument("--worker", action="store_true",
                         help="run as one worker of a shared study: trials only, no held-out or results folder")
+    search.add_argument("--reproduce", default=None, metavar="RESULTS_DIR",
+                        help="re-run the finished study of a results folder from scratch and report, per trial, "
+                             "whether parameters match and the largest score difference")
     search.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     search.set_defaults(func=_cmd_search)
 

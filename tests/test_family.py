@@ -98,3 +98,25 @@ def test_gguf_file_is_a_source_and_matches_its_conversion():
     engine = MergeEngine([str(gguf_path()), str(ensure_base())], device="cpu", dtype="float32", progress=False)
     for name in ("model.embed_tokens.weight", "model.layers.7.mlp.down_proj.weight", "model.norm.weight"):
         assert torch.equal(engine.source_tensor(str(gguf_path()), name), engine.source_tensor(str(ensure_base()), name))
+
+
+@pytest.mark.slow
+def test_the_demo_family_builds_to_the_same_bytes_with_1_and_2_threads(tmp_path, monkeypatch):
+    """Same recipe, same weights, whatever the core count: the family is built from scratch (GGUF
+    conversion included) in two empty caches, with 1 and with 2 threads, and the manifests'
+    weight hashes are compared (~15 minutes on 2 cores)."""
+    from evomerge.device import use_threads
+
+    before = torch.get_num_threads()
+    hashes = {}
+    try:
+        for threads in (1, 2):
+            monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / f"cache-{threads}"))
+            use_threads(threads)
+            manifest = build_family(progress=False).manifest
+            hashes[threads] = {"base": manifest["base"]["weights_sha256"],
+                               **{name: m["weights_sha256"] for name, m in manifest["members"].items()}}
+    finally:
+        use_threads(before)
+    assert set(hashes[1]) == {"base", "math", "code", "knowledge"}
+    assert hashes[1] == hashes[2]

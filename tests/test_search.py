@@ -661,3 +661,46 @@ def test_same_seed_same_numbers_with_one_thread_or_two(tiny_family, tmp_path):
         records.append([(t.params, t.user_attrs["scores"], t.values) for t in study.trials])
         assert all(t.user_attrs["cpu_seconds"] > 0 for t in study.trials)
     assert len(records[0]) == 6 and records[0] == records[1]
+
+
+def test_reproduce_reruns_a_finished_study_and_reports_each_trials_difference(tiny_family, tmp_path, monkeypatch,
+                                                                               capsys):
+    """`evomerge search --reproduce RESULTS` re-runs a finished study from its summary.json alone (in a
+    scratch study; the original is not touched): same parameters, same states, scores within 1e-6.
+    A change in the scores, or in the recorded inputs, is reported and fails the command."""
+    from evomerge.cli import main
+    from evomerge.evaluation import Evaluator
+
+    space = _space(tiny_family, tmp_path, n_trials=5, pruning={"min_trials": 2, "first_rung": 0.5})
+    assert main(["search", str(_write(space, tmp_path / "space.yaml")), "--no-heldout", "-q"]) == 0
+    results = tmp_path / "results" / "tiny"
+    summary = json.loads((results / "summary.json").read_text())
+    record = summary["reproduce"]
+    assert record["seed"] == 0 and set(record["sources_sha256"]) == {tiny_family[k] for k in
+                                                                    ("base", "ft_math", "ft_code", "ft_knowledge")}
+    assert all(len(h) == 64 for h in record["sources_sha256"].values())
+    assert set(record["items_sha256"]["search"]) == {"gsm8k/gold_loglik", "mmlu/gold_loglik"}
+    database = (results / "study.db").read_bytes()
+
+    assert main(["search", "--reproduce", str(results), "-q"]) == 0
+    report = json.loads((results / "reproduce.json").read_text())
+    assert report["trials"] == 5 and report["reproduced"] == 5 and report["largest_difference"] <= 1e-6
+    assert (results / "study.db").read_bytes() == database  # the original study is only read
+
+    original = Evaluator.evaluate
+
+    def drifting(self, model, **kwargs):
+        scores = original(self, model, **kwargs)
+        scores.scores = {task: value + 1e-3 for task, value in scores.scores.items()}
+        return scores
+
+    monkeypatch.setattr(Evaluator, "evaluate", drifting)
+    assert main(["search", "--reproduce", str(results), "-q"]) == 1
+    report = json.loads((results / "reproduce.json").read_text())
+    assert report["reproduced"] < 5 and report["largest_difference"] >= 1e-3 * 0.99
+    monkeypatch.setattr(Evaluator, "evaluate", original)
+
+    summary["reproduce"]["items_sha256"]["search"]["mmlu/gold_loglik"] = "0" * 64
+    (results / "summary.json").write_text(json.dumps(summary))
+    assert main(["search", "--reproduce", str(results), "-q"]) == 1
+    assert "inputs changed: items_sha256" in capsys.readouterr().out

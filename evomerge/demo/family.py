@@ -32,7 +32,6 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge.evaluation import data
-from evomerge.evaluation.tasklib import mmlu_prompt
 from evomerge.paths import atomic_directory, cache_dir
 
 log = logging.getLogger(__name__)
@@ -92,6 +91,13 @@ def _chat(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
 def math_examples() -> Iterator[tuple[str, str]]:
     for item in data.training_items("gsm8k"):
         yield f"Question: {item['question']}\nAnswer:", item["answer"]
+
+
+def mmlu_prompt(doc: dict) -> str:
+    """The knowledge specialist's training prompt (fixed: the family's weights depend on it)."""
+    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip("ABCD", doc["choices"]))
+    subject = doc["subject"].replace("_", " ")
+    return f"The following is a multiple choice question about {subject}.\n\n{doc['question'].strip()}\n{choices}\nAnswer:"
 
 
 def knowledge_examples() -> Iterator[tuple[str, str]]:
@@ -273,6 +279,7 @@ def build_family(output: Path | None = None, *, recipe: FamilyRecipe = FamilyRec
 
 
 def _build(root: Path, recipe: FamilyRecipe, device: str, progress: bool, base_dir: Path | None) -> Family:
+    from evomerge.checkpoint import weights_sha256
     from evomerge.demo.smollm2 import ensure_base, gguf_path
     from evomerge.device import resolve_device
 
@@ -301,8 +308,11 @@ def _build(root: Path, recipe: FamilyRecipe, device: str, progress: bool, base_d
             members[spec.name] = {"spec": asdict(spec), "data_sha256": data_digest(spec.task),
                                   "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(torch_device),
                                   "torch": torch.__version__, **stats}
+        if "weights_sha256" not in members[spec.name]:  # a reproducibility record: same recipe, same bytes
+            members[spec.name]["weights_sha256"] = weights_sha256(str(target))
             record_path.write_text(json.dumps(members[spec.name], indent=2))
         family.members[spec.name] = target
+    base_source["weights_sha256"] = weights_sha256(str(base_dir))
     manifest = {"recipe_digest": recipe.digest(), "recipe": asdict(recipe), "base": base_source,
                 "members": {name: {"path": str(family.members[name]), **record} for name, record in members.items()},
                 "last_run_seconds": round(time.perf_counter() - started, 1)}

@@ -3,9 +3,9 @@
 Every item belongs to exactly one *pool*, fixed by a hash of its content (never by the seed), so
 the pools can never overlap whatever seed or size is asked for:
 
-| task      | search pool            | held-out pool          | training pool (demo family)   |
+| task      | search pool            | held-out pool          | training pool (demo family, few-shot) |
 |-----------|------------------------|------------------------|-------------------------------|
-| gsm8k     | 1/5 of train           | all of test            | the other 4/5 of train        |
+| gsm8k     | 1/5 of train           | all of test            | the other 4/5 of train (+ few-shot)   |
 | mmlu      | 1/3 of test            | 1/3 of test            | 1/3 of test (+ dev: few-shot) |
 | humaneval | 1/2                    | 1/2                    | none (code trains on stdlib)  |
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,22 +37,15 @@ def _digest(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
-def gold_number(answer: str) -> str:
-    """The number after '#### ' in a GSM8K solution, without thousands separators."""
-    return answer.rsplit("####", 1)[-1].strip().replace(",", "")
-
-
 @lru_cache(maxsize=None)
 def _pools(task: str) -> dict[str, tuple[dict, ...]]:
     pools: dict[str, list[dict]] = {"search": [], "heldout": [], "train": [], "fewshot": []}
     if task == "gsm8k":
         for row in _read(DATA / "gsm8k" / "train.jsonl.gz"):
-            item = {"key": row["question"], "question": row["question"], "answer": row["answer"],
-                    "target": gold_number(row["answer"])}
+            item = {"key": row["question"], "question": row["question"], "answer": row["answer"]}
             pools["search" if _digest("gsm8k-pool:" + item["key"]) % 5 == 0 else "train"].append(item)
         for row in _read(DATA / "gsm8k" / "test.jsonl.gz"):
-            pools["heldout"].append({"key": row["question"], "question": row["question"], "answer": row["answer"],
-                                     "target": gold_number(row["answer"])})
+            pools["heldout"].append({"key": row["question"], "question": row["question"], "answer": row["answer"]})
     elif task == "mmlu":
         for row in _read(DATA / "mmlu" / "test.jsonl.gz"):
             item = {"key": row["subject"] + "\n" + row["question"] + "\n" + "\n".join(row["choices"]), **row}
@@ -102,32 +94,7 @@ def training_items(task: str) -> tuple[dict, ...]:
     return pool(task, "train")
 
 
-def fewshot_items(task: str, n: int, seed: int = 1234) -> list[dict]:
-    """Few-shot exemplars: MMLU's dev set, GSM8K's training pool; never an evaluation item."""
-    if n == 0:
-        return []
-    source = pool(task, "fewshot") if task == "mmlu" else pool(task, "train")
-    ordered = sorted(source, key=lambda item: _digest(f"fewshot{seed}:{item['key']}"))
-    return ordered[:n]
-
-
-_NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
-
-
-def strict_answer(text: str) -> str | None:
-    """The number after '####' (lm-eval's strict-match), or None."""
-    match = re.search(r"####\s*(-?[$]?[\d,]*\.?\d+)", text)
-    return _clean(match.group(1)) if match else None
-
-
-def flexible_answer(text: str) -> str | None:
-    """The last number in the text (lm-eval's flexible-extract), or None."""
-    numbers = _NUMBER.findall(text)
-    return _clean(numbers[-1]) if numbers else None
-
-
-def _clean(number: str) -> str:
-    value = number.replace(",", "").replace("$", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.0+", value):
-        value = value.split(".")[0]
-    return value
+def items_sha256(task: str, split: str, size: int | None, seed: int, subjects: list[str] | None = None) -> str:
+    """sha256 of the items a split selects (their full content, in order): equal digests, equal items."""
+    items = select(task, split, size, seed, subjects=subjects)
+    return hashlib.sha256(json.dumps(items, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -28,14 +28,14 @@ log = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 METRICS = ("accuracy", "gold_loglik")
 
-# (task, metric) -> (lm-eval task name, the number that is "the score")
+# (task, metric) -> (lm-eval task name, the number that is "the score", lm-eval's filter for it)
 TASK_TABLE = {
-    ("gsm8k", "accuracy"): ("evomerge_gsm8k", "exact_match_flexible"),
-    ("gsm8k", "gold_loglik"): ("evomerge_gsm8k_gold", "gold_loglik"),
-    ("mmlu", "accuracy"): ("evomerge_mmlu", "acc"),
-    ("mmlu", "gold_loglik"): ("evomerge_mmlu", "gold_loglik"),
-    ("humaneval", "accuracy"): ("evomerge_humaneval", "pass@1"),
-    ("humaneval", "gold_loglik"): ("evomerge_humaneval_gold", "gold_loglik"),
+    ("gsm8k", "accuracy"): ("evomerge_gsm8k", "exact_match", "flexible-extract"),
+    ("gsm8k", "gold_loglik"): ("evomerge_gsm8k_gold", "gold_loglik", "none"),
+    ("mmlu", "accuracy"): ("evomerge_mmlu", "acc", "none"),
+    ("mmlu", "gold_loglik"): ("evomerge_mmlu", "gold_loglik", "none"),
+    ("humaneval", "accuracy"): ("evomerge_humaneval", "pass@1", "none"),
+    ("humaneval", "gold_loglik"): ("evomerge_humaneval_gold", "gold_loglik", "none"),
 }
 
 
@@ -99,6 +99,10 @@ class TaskRequest:
     @property
     def primary(self) -> str:
         return TASK_TABLE[(self.task, self.metric)][1]
+
+    @property
+    def filter(self) -> str:
+        return TASK_TABLE[(self.task, self.metric)][2]
 
 
 @dataclass
@@ -177,7 +181,8 @@ class Evaluator:
             data.select(r.task, self.split, r.size, self.seed, subjects=list(r.subjects) if r.subjects else None)
         manager = TaskManager(
             include_path=str(TASKS_DIR), include_defaults=False,
-            metadata={"split": self.split, "seed": self.seed, "sizes": sizes, "subjects": subjects},
+            metadata={"split": self.split, "seed": self.seed, "sizes": sizes, "subjects": subjects,
+                      "fewshot": {r.task: r.num_fewshot for r in self.requests}},
         )
         self._manager = manager
         wanted = sorted({r.lm_eval_task for r in self.requests})
@@ -185,7 +190,10 @@ class Evaluator:
         tasks = dict(_leaf_tasks(loaded))
         for r in self.requests:
             task = tasks[r.lm_eval_task]
-            task.set_config(key="num_fewshot", value=r.num_fewshot)
+            # MMLU's exemplars are its subject's, which lm-eval's sampler cannot choose per item:
+            # the dataset puts them in each item (from the metadata above), so the sampler adds none.
+            exemplars_in_items = (task.config.metadata or {}).get("exemplars_in_items", False)
+            task.set_config(key="num_fewshot", value=0 if exemplars_in_items else r.num_fewshot)
             if r.max_gen_toks and task.config.output_type == "generate_until":
                 generation = dict(task.config.generation_kwargs or {})
                 generation["max_gen_toks"] = r.max_gen_toks
@@ -246,7 +254,7 @@ class Evaluator:
         scores, items = {}, {}
         for r in self.requests:
             row = results[r.lm_eval_task]
-            value = row.get(f"{r.primary},none", row.get(r.primary))
+            value = row.get(f"{r.primary},{r.filter}", row.get(r.primary))
             scores[r.task] = float(value)
             items[r.task] = int(output.get("n-samples", {}).get(r.lm_eval_task, {}).get("effective", 0))
         details = {}
@@ -254,9 +262,8 @@ class Evaluator:
             for r in self.requests:
                 if r.primary == "pass@1":  # aggregated by the sandbox, not per sample
                     continue
-                samples = sorted(output["samples"][r.lm_eval_task], key=lambda s: s["doc_id"])
-                details[r.task] = [float(s[r.primary]) for s in samples]
-        samples = {r.task: output["samples"][r.lm_eval_task] for r in self.requests} if per_item else {}
+                details[r.task] = [float(s[r.primary]) for s in _samples(output, r)]
+        samples = {r.task: _samples(output, r) for r in self.requests} if per_item else {}
         return Scores(scores, results, time.perf_counter() - start, items, details, samples)
 
 
@@ -270,6 +277,12 @@ def _bars(shown: bool):
         return
     with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
         yield
+
+
+def _samples(output: dict, request: TaskRequest) -> list[dict]:
+    """lm-eval's logged samples of one request, in item order (one per item: its filter's)."""
+    logged = [s for s in output["samples"][request.lm_eval_task] if s.get("filter", "none") == request.filter]
+    return sorted(logged, key=lambda s: s["doc_id"])
 
 
 def _position(fraction: float, n: int) -> int:

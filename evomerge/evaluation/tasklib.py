@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 from typing import Any, Callable
 
 from evomerge.evaluation import data
@@ -37,40 +38,59 @@ def _count_tokens(text: str) -> int:
 # ----------------------------------------------------------------------------- datasets
 
 
-def _dataset(task: str, fewshot: list[dict], **meta: Any):
+def _dataset(task: str, items: list[dict], fewshot: list[dict]):
     from datasets import Dataset
 
-    split, seed = meta.get("split", "search"), int(meta.get("seed", 0))
-    size = (meta.get("sizes") or {}).get(task)
-    subjects = meta.get("subjects") if task == "mmlu" else None
-    items = data.select(task, split, size, seed, subjects=subjects)
     splits = {"test": Dataset.from_list(items)}
     if fewshot:
         splits["fewshot"] = Dataset.from_list(fewshot)
     return splits
 
 
+def _items(task: str, **meta: Any) -> list[dict]:
+    split, seed = meta.get("split", "search"), int(meta.get("seed", 0))
+    size = (meta.get("sizes") or {}).get(task)
+    subjects = meta.get("subjects") if task == "mmlu" else None
+    return data.select(task, split, size, seed, subjects=subjects)
+
+
 def gsm8k_dataset(**meta: Any):
-    return _dataset("gsm8k", data.fewshot_items("gsm8k", 8), **meta)
+    """The split's items; few-shot exemplars are drawn (lm-eval's seeded sampler) from the training pool."""
+    return _dataset("gsm8k", _items("gsm8k", **meta), list(data.pool("gsm8k", "train")))
+
+
+MMLU_DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+MMLU_LETTERS = "ABCD"
+
+
+def mmlu_question(doc: dict) -> str:
+    """lm-eval's standard MMLU question text (its `doc_to_text`)."""
+    choices = "".join(f"\n{letter}. {choice}" for letter, choice in zip(MMLU_LETTERS, doc["choices"]))
+    return f"{doc['question'].strip()}{choices}\nAnswer:"
+
+
+@lru_cache(maxsize=None)
+def mmlu_context(subject: str, shots: int) -> str:
+    """What lm-eval puts before an item of `subject` with `shots` exemplars: the subject's
+    description, then its first dev questions, each with its answer letter."""
+    exemplars = [item for item in data.pool("mmlu", "fewshot") if item["subject"] == subject][:shots]
+    if len(exemplars) < shots:
+        raise ValueError(f"mmlu: {subject} has {len(exemplars)} few-shot exemplars, {shots} asked for")
+    text = MMLU_DESCRIPTION.format(subject=subject.replace("_", " "))
+    return text + "".join(f"{mmlu_question(ex)} {MMLU_LETTERS[ex['answer']]}\n\n" for ex in exemplars)
 
 
 def mmlu_dataset(**meta: Any):
-    return _dataset("mmlu", data.fewshot_items("mmlu", 10), **meta)
+    shots = int((meta.get("fewshot") or {}).get("mmlu", 0))
+    items = [{**item, "mmlu_context": mmlu_context(item["subject"], shots)} for item in _items("mmlu", **meta)]
+    return _dataset("mmlu", items, [])
 
 
 def humaneval_dataset(**meta: Any):
-    return _dataset("humaneval", [], **meta)
+    return _dataset("humaneval", _items("humaneval", **meta), [])
 
 
 # ----------------------------------------------------------------------------- GSM8K
-
-
-def gsm8k_generation(doc: dict, results: list[str]) -> dict[str, float]:
-    response = results[0]
-    return {
-        "exact_match_strict": float(data.strict_answer(response) == doc["target"]),
-        "exact_match_flexible": float(data.flexible_answer(response) == doc["target"]),
-    }
 
 
 def gold_loglik(doc: dict, results: list, target_field: str) -> dict[str, float]:
@@ -83,13 +103,6 @@ def gsm8k_gold(doc: dict, results: list) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- MMLU
-
-
-def mmlu_prompt(doc: dict) -> str:
-    letters = "ABCD"
-    choices = "\n".join(f"{letters[i]}. {choice}" for i, choice in enumerate(doc["choices"]))
-    subject = doc["subject"].replace("_", " ")
-    return f"The following is a multiple choice question about {subject}.\n\n{doc['question'].strip()}\n{choices}\nAnswer:"
 
 
 def mmlu_scores(doc: dict, results: list) -> dict[str, float]:

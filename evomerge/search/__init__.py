@@ -97,6 +97,9 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
         held = evaluate_heldout(searcher.space, searcher.engine, searcher.evaluator.tokenizer,
                                 Recipe.from_yaml(best.recipe)) | {"trial": best.number}
+    from evomerge.search.reproduce import record
+
+    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=str(searcher.device))}
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
                          extra=extra, rename=searcher.space.portable_refs)
 
@@ -178,8 +181,11 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
         folder, best = Path(results_root) / study_name, best_trial(study)
         held = json.loads((folder / "heldout.json").read_text()) if (folder / "heldout.json").is_file() else None
         held = held if held and best and held.get("trial") == best.number else None
-        return write_results(study, folder, task_names=study_task_names(study), heldout=held,
-                             extra={"storage": store.shown(storage)})
+        previous = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+        extra = {"storage": store.shown(storage)}
+        if previous.get("study") == study_name and previous.get("reproduce"):  # the search's own record stays
+            extra["reproduce"] = previous["reproduce"]
+        return write_results(study, folder, task_names=study_task_names(study), heldout=held, extra=extra)
     searcher = Searcher(heldout_space, storage=storage, study_name=study_name, results_root=results_root)
     searcher.open_study()  # refuses a space other than the study's
     return _finish(searcher, study, heldout=True, extra={"storage": store.shown(storage)})

@@ -1,0 +1,138 @@
+"""Reproducibility: the record a results folder keeps, and `evomerge search --reproduce`.
+
+The record (summary.json, `reproduce`) holds what a re-run needs and what it must find equal: the
+space as loaded, its seed, the threads and device the trials ran with, sha256 of every source
+model's weights and of the evaluation items of each split. `reproduce(results_dir)` checks the
+sources and items, runs the same space from scratch in a scratch study (never the original's),
+and compares trial by trial: the same parameters, the same state, and the largest score
+difference, per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.data import items_sha256
+from evomerge.search import storage as store
+from evomerge.search.space import SearchSpace
+from evomerge.trials import TrialRecord
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-6
+
+
+def sources_sha256(space: SearchSpace) -> dict[str, str | None]:
+    """{model as the space names it: sha256 of its weights}, base included (None: not on this machine,
+    e.g. a search interrupted before the demo family was built)."""
+    from evomerge.checkpoint import weights_sha256
+    from evomerge.errors import CheckpointError
+
+    found = {}
+    for path in dict.fromkeys([*space.models.values(), *([space.base] if space.base else [])]):
+        try:
+            found[space.portable_refs.get(path, path)] = weights_sha256(path)
+        except CheckpointError:
+            found[space.portable_refs.get(path, path)] = None
+    return found
+
+
+def items_record(space: SearchSpace) -> dict[str, dict[str, str]]:
+    """{split: {task/metric: sha256 of its items}} for the search tasks and the held-out entries."""
+    seed = space.config.seed
+    splits = {"search": space.config.tasks, "heldout": space.heldout_entries()}
+    return {split: {f"{e.task}/{e.metric}": items_sha256(e.task, split, e.size, seed, getattr(e, "subjects", None))
+                    for e in entries} for split, entries in splits.items()}
+
+
+def record(space: SearchSpace, *, threads: int, device: str) -> dict[str, Any]:
+    return {"space": space.config.model_dump(mode="json"), "seed": space.config.seed, "threads": threads,
+            "device": device, "sources_sha256": sources_sha256(space), "items_sha256": items_record(space)}
+
+
+def _trials(study: optuna.Study) -> dict[int, TrialRecord]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return {t.number: TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=states)}
+
+
+def _largest_difference(a: dict[str, float], b: dict[str, float]) -> float:
+    if set(a) != set(b):
+        return math.inf
+    return max((abs(a[k] - b[k]) if not (math.isnan(a[k]) and math.isnan(b[k])) else 0.0 for k in a), default=0.0)
+
+
+def compare(original: dict[int, TrialRecord], again: dict[int, TrialRecord], tolerance: float = TOLERANCE) -> list[dict]:
+    """One row per original trial: same state, same parameters, the largest score difference."""
+    rows = []
+    for number, first in sorted(original.items()):
+        second = again.get(number)
+        if second is None:
+            rows.append({"trial": number, "state": first.state.name, "same_params": False, "same_state": False,
+                         "largest_difference": None, "ok": False})
+            continue
+        scores_a = first.scores if first.scores else first.first_rung_scores
+        scores_b = second.scores if second.scores else second.first_rung_scores
+        difference = _largest_difference(scores_a, scores_b)
+        same_params, same_state = first.params == second.params, first.state == second.state
+        rows.append({"trial": number, "state": first.state.name, "same_params": same_params, "same_state": same_state,
+                     "largest_difference": difference,
+                     "ok": same_params and same_state and difference <= tolerance})
+    return rows
+
+
+def reproduce(results_dir: str | Path, *, device: str | None = None, threads: int | None = None,
+              progress: bool = True, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """Re-runs the finished study of `results_dir` from scratch; writes reproduce.json/.md there."""
+    from evomerge.report.tables import markdown_table
+    from evomerge.search.runner import Searcher
+
+    folder = Path(results_dir)
+    summary_file = folder / "summary.json"
+    if not summary_file.is_file():
+        raise EvomergeError(f"--reproduce: no summary.json in {folder} (a results folder of evomerge search)")
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    saved = summary.get("reproduce")
+    if not saved:
+        raise EvomergeError(f"--reproduce: {summary_file} has no reproducibility record; rerun the search to write one")
+    if summary.get("this_run", {}).get("workers", 1) > 1:
+        log.warning("this study ran with several workers: trial order, hence proposals, may differ")
+    space = SearchSpace.from_dict(saved["space"])
+    storage = store.default_storage(folder) if (folder / "study.db").is_file() else summary.get("storage")
+    try:
+        original = _trials(optuna.load_study(study_name=summary["study"], storage=store.normalize_url(storage)))
+    except KeyError:
+        raise EvomergeError(f"--reproduce: no study '{summary['study']}' in {store.shown(storage)}") from None
+
+    checks = {"sources_sha256": sources_sha256(space), "items_sha256": items_record(space)}
+    changed = [key for key in checks if checks[key] != saved.get(key)]
+    for key in changed:
+        log.warning("%s differ from the record: %s vs %s", key, checks[key], saved.get(key))
+    with tempfile.TemporaryDirectory(prefix="evomerge-reproduce-") as scratch:
+        searcher = Searcher(space, results_root=scratch, device=device or saved.get("device"), progress=progress,
+                            threads=threads)
+        outcome = searcher.run(n_trials=len(original))
+        again = _trials(outcome.study)
+    rows = compare(original, again, tolerance)
+    report = {"study": summary["study"], "tolerance": tolerance, "changed_inputs": changed,
+              "trials": len(rows), "reproduced": sum(r["ok"] for r in rows),
+              "largest_difference": max((r["largest_difference"] for r in rows if r["largest_difference"] is not None),
+                                        default=None),
+              "threads": searcher.threads, "rows": rows}
+    (folder / "reproduce.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    table = markdown_table(["trial", "state", "same parameters", "same state", "largest score difference"],
+                           [[r["trial"], r["state"], r["same_params"], r["same_state"],
+                             "missing" if r["largest_difference"] is None else f"{r['largest_difference']:.3g}"]
+                            for r in rows])
+    (folder / "reproduce.md").write_text(
+        f"# Reproduction of study `{summary['study']}`\n\n{report['reproduced']} of {len(rows)} trials reproduced "
+        f"(same parameters and state, scores within {tolerance:g}); inputs changed: {', '.join(changed) or 'none'}.\n\n"
+        f"{table}\n", encoding="utf-8")
+    return report
