@@ -143,9 +143,10 @@ def _print_summary(summary: dict) -> None:
               + "  ".join(f"{k}={v:.4f}" for k, v in (best.get("scores") or {}).items()))
     held = summary.get("heldout")
     if held:
-        for metric, beats in held["winner_beats_all_sources"].items():
-            print(f"held-out: on combined {metric} the winner {'beats' if beats else 'does not beat'} every source "
-                  f"model ({held['rows']['winner']['combined'][metric]:.4f})")
+        for metric in held["combined_over"]:
+            verdicts = {source: c[metric]["verdict"] for source, c in held.get("comparisons", {}).items()}
+            print(f"held-out combined {metric}: winner {held['rows']['winner']['combined'][metric]:.4f}; vs sources "
+                  + ", ".join(f"{source} {verdict}" for source, verdict in verdicts.items()) + " (95 % paired intervals)")
     if summary.get("this_run", {}).get("stopped"):
         print(f"stopped early: {summary['this_run']['stopped']}")
     if summary.get("heldout_skipped"):

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,9 +95,11 @@ def test_every_task_runs_offline_end_to_end_on_the_tiny_model(tiny_model, monkey
     monkeypatch.setattr(socket.socket, "connect", no_network)
     model, tokenizer = tiny_model
     requests = [TaskRequest("gsm8k", "accuracy", size=3), TaskRequest("mmlu", "accuracy", size=6),
-                TaskRequest("humaneval", "accuracy", size=3)]
-    scores = Evaluator(requests, tokenizer, batch_size=4).evaluate(model)
+                TaskRequest("humaneval", "accuracy", size=3, max_gen_toks=96)]
+    scores = Evaluator(requests, tokenizer, batch_size=4).evaluate(model, per_item=True)
     assert set(scores.scores) == {"gsm8k", "mmlu", "humaneval"}
+    for task, value in scores.scores.items():  # item-level scores (pass@1: the judge's verdicts) average to the score
+        assert len(scores.per_item[task]) == scores.items[task] and np.mean(scores.per_item[task]) == pytest.approx(value)
     assert scores.items == {"gsm8k": 3, "mmlu": 6, "humaneval": 3}
     for task, value in scores.scores.items():  # an accuracy is a count of items over the items
         n = scores.items[task]
@@ -168,3 +171,17 @@ def test_smollm2_runs_every_task_on_both_splits():
         scores = Evaluator(requests, tokenizer, split=split).evaluate(model)
         mmlu_correct = scores.scores["mmlu"] * 8
         assert -5 < scores.scores["gsm8k"] < 0 and math.isclose(mmlu_correct, round(mmlu_correct), abs_tol=1e-9)
+
+
+def test_a_generation_budget_longer_than_the_context_is_halved_to_fit(tiny_model):
+    """lm-eval's HumanEval asks for 1024 new tokens, which a 1024-token model cannot give after a
+    prompt; lm-eval would refuse the whole evaluation."""
+    _model, tokenizer = tiny_model
+    evaluator = Evaluator([TaskRequest("humaneval", "accuracy", size=1), TaskRequest("mmlu", "accuracy", size=1)],
+                          tokenizer)
+    task = evaluator._tasks["evomerge_humaneval"]
+    assert task.config.generation_kwargs["max_gen_toks"] == 1024
+    evaluator._fit_generation(4096)
+    assert task.config.generation_kwargs["max_gen_toks"] == 1024
+    evaluator._fit_generation(1024)
+    assert task.config.generation_kwargs["max_gen_toks"] == 512

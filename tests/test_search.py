@@ -209,7 +209,8 @@ def test_cmaes_learns_where_random_does_not(tiny_family, tmp_path):
 # ----------------------------------------------------------------------------- whole studies
 
 
-def test_search_writes_every_output_and_resumes(tiny_family, tmp_path):
+def test_search_writes_every_output_and_resumes(tiny_family, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))  # held-out scores: computed, then cached
     space = SearchSpace.load(_write(_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]), tmp_path / "s.yaml"))
     summary = run_search(space, progress=False)
     results = tmp_path / "results" / "tiny"
@@ -221,11 +222,37 @@ def test_search_writes_every_output_and_resumes(tiny_family, tmp_path):
     assert best.merge_method in ("task_arithmetic", "ties")
     heldout = json.loads((results / "heldout.json").read_text())
     assert set(heldout["rows"]) == {"winner", "base", "math", "code", "know"}
+    # The winner against each source on the same items, with item-level scores kept to recompute it.
+    from evomerge.report.stats import VERDICTS, paired
+
+    items = json.loads((results / "heldout_items.json").read_text())
+    assert set(items) == set(heldout["rows"]) and (results / "heldout.png").exists()
+    for name, row in heldout["rows"].items():
+        for column, value in row["scores"].items():
+            assert len(items[name][column]) == {"mmlu/accuracy": 4, "gsm8k/gold_loglik": 3}[column]
+            assert np.mean(items[name][column]) == pytest.approx(value)
+    assert set(heldout["comparisons"]) == {"base", "math", "code", "know"}
+    for source, found in heldout["comparisons"].items():
+        assert found == paired(items["winner"], items[source], heldout["combined_over"], seed=0)
+        assert all(f["verdict"] in VERDICTS for f in found.values())
+    assert "paired bootstrap interval" in (results / "heldout.md").read_text()
     # `evomerge report` rewrites the folder from the database and keeps the winner's held-out table.
     from evomerge.search import write_report
 
     again = write_report(summary["storage"], "tiny", tmp_path / "results")
     assert again["heldout"] == summary["heldout"] and again["heldout"]["trial"] == summary["best"]["trial"]
+    # The same command again: nothing to run, held-out scores from the cache (no model is built).
+    from evomerge.engine import MergeEngine
+
+    def no_materialize(*args, **kwargs):
+        raise AssertionError("a finished study's held-out scores were computed again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MergeEngine, "materialize", no_materialize)
+        patch.setattr(MergeEngine, "__init__", no_materialize)
+        rerun = run_search(space, progress=False)
+    assert rerun["heldout"]["rows"] == summary["heldout"]["rows"]
+    assert rerun["heldout"]["comparisons"] == summary["heldout"]["comparisons"]
     # Every completed trial can be re-run from its record alone.
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{results / 'study.db'}")
     record = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)

@@ -64,11 +64,16 @@ def run(lm, tasks: list, *, chat: bool) -> dict:
                            fewshot_random_seed=SEED)
 
 
-def check_against_lm_eval(model, tokenizer, *, gsm8k: int, mmlu: int, shots: int, chat: bool = False) -> dict:
+def check_against_lm_eval(model, tokenizer, *, gsm8k: int, mmlu: int, shots: int, mmlu_shots: int | None = None,
+                          chat: bool = False) -> dict:
     """Scores the model with evomerge's tasks and with lm-eval's standard ones on the same items,
-    asserts the prompts, the per-item log-likelihoods and the task scores agree; returns the scores."""
+    asserts the prompts, the per-item log-likelihoods and the task scores agree; returns the scores.
+    (With a chat template lm-eval makes MMLU's exemplars turns of a conversation, evomerge one turn:
+    there the two agree at 0 shots, which is what is compared.)"""
+    mmlu_shots = shots if mmlu_shots is None else mmlu_shots
+    assert not (chat and mmlu_shots), "with a chat template, few-shot MMLU prompts differ by design"
     evaluator = Evaluator([TaskRequest("gsm8k", "accuracy", size=gsm8k, num_fewshot=shots),
-                           TaskRequest("mmlu", "accuracy", size=mmlu, num_fewshot=shots)],
+                           TaskRequest("mmlu", "accuracy", size=mmlu, num_fewshot=mmlu_shots)],
                           tokenizer, seed=SEED, batch_size=1, apply_chat_template=chat)
     ours = evaluator.evaluate(model, per_item=True)
     lm = evaluator.lm(model)
@@ -92,11 +97,11 @@ def check_against_lm_eval(model, tokenizer, *, gsm8k: int, mmlu: int, shots: int
     assert answers == standard_answers  # the generations themselves, item by item
 
     mmlu_items = data.select("mmlu", "search", mmlu, SEED)
-    subjects = standard_mmlu(mmlu_items, shots)
-    if not chat:  # with a chat template lm-eval makes exemplars turns of a conversation; ours are one turn
-        mine = dict(zip((i["key"] for i in mmlu_items), contexts(evaluator._tasks["evomerge_mmlu"], 0)))
-        for task in subjects.values():
-            assert [mine[doc["key"]] for doc in task.eval_docs] == contexts(task, shots)
+    subjects = standard_mmlu(mmlu_items, mmlu_shots)
+    mine = dict(zip((i["key"] for i in mmlu_items), contexts(evaluator._tasks["evomerge_mmlu"], 0,
+                                                             chat_template=template)))
+    for task in subjects.values():
+        assert [mine[doc["key"]] for doc in task.eval_docs] == contexts(task, mmlu_shots, chat_template=template)
     output = run(lm, list(subjects.values()), chat=chat)
     by_key = {s["doc"]["key"]: s for s in output["samples"].values() for s in s}
     assert len(by_key) == len(mmlu_items)
@@ -131,5 +136,21 @@ def test_offline_tasks_give_lm_evals_standard_scores_for_smollm2(chat):
     base = ensure_base()
     model = AutoModelForCausalLM.from_pretrained(base).eval()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    scores = check_against_lm_eval(model, tokenizer, gsm8k=8, mmlu=40, shots=5, chat=chat)
-    print(f"SmolLM2 ({'chat' if chat else 'plain'}, 5-shot): {scores}")
+    mmlu_shots = 0 if chat else 5
+    scores = check_against_lm_eval(model, tokenizer, gsm8k=8, mmlu=40, shots=5, mmlu_shots=mmlu_shots, chat=chat)
+    print(f"SmolLM2 ({'chat' if chat else 'plain'}; gsm8k 5-shot, mmlu {mmlu_shots}-shot): {scores}")
+
+
+def test_humaneval_generates_as_lm_evals_standard_task():
+    """Same prompt, stop sequences, token budget and decoding as lm-eval's `humaneval`; only the
+    judge differs (evomerge's sandbox runs prompt + completion, tests/test_sandbox.py)."""
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from evomerge.evaluation.harness import TASKS_DIR
+
+    standard = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval.yaml", resolve_func=False)
+    ours = load_yaml(TASKS_DIR / "humaneval.yaml", resolve_func=False)
+    for key in ("output_type", "doc_to_text", "generation_kwargs", "test_split"):
+        assert ours[key] == standard[key], key
+    assert ours.get("num_fewshot", 0) == standard["num_fewshot"] == 0

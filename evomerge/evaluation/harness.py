@@ -215,6 +215,18 @@ class Evaluator:
             self._model = model
         return self._lm
 
+    def _fit_generation(self, max_length: int) -> None:
+        """A generation budget must leave room for the prompt (lm-eval refuses one that does not):
+        on a model with a short context, a task's budget becomes half of it."""
+        for name, task in self._tasks.items():
+            generation = dict(task.config.generation_kwargs or {})
+            budget = generation.get("max_gen_toks", 256)
+            if task.config.output_type == "generate_until" and budget >= max_length:
+                log.warning("%s: %d new tokens do not fit a %d-token context; generating up to %d", name,
+                            budget, max_length, max_length // 2)
+                generation["max_gen_toks"] = max_length // 2
+                task.set_config(key="generation_kwargs", value=generation)
+
     def evaluate(self, model, *, limit: int | float | None = None, part: tuple[float, float] | None = None,
                  per_item: bool = False) -> Scores:
         """Scores `model`. `limit` keeps the first items of each task; `part=(a, b)` scores the
@@ -233,9 +245,11 @@ class Evaluator:
                 subset[name] = list(range(lo, max(hi, lo)))
             if not any(subset.values()):
                 return Scores({r.task: math.nan for r in self.requests}, {}, 0.0, {r.task: 0 for r in self.requests})
+        lm = self.lm(model)
+        self._fit_generation(lm.max_length)
         with torch.inference_mode(), _bars(self.progress):
             output = simple_evaluate(
-                model=self.lm(model),
+                model=lm,
                 tasks=[self._tasks[name] for name in tasks],
                 task_manager=self._manager,  # else lm-eval indexes its 26k built-in YAMLs (~10 s) per call
                 limit=limit,
@@ -260,9 +274,10 @@ class Evaluator:
         details = {}
         if per_item:
             for r in self.requests:
-                if r.primary == "pass@1":  # aggregated by the sandbox, not per sample
-                    continue
-                details[r.task] = [float(s[r.primary]) for s in _samples(output, r)]
+                if r.primary == "pass@1":  # a job per sample, judged when lm-eval aggregated them
+                    details[r.task] = [float(tasklib.passed(s[r.primary])) for s in _samples(output, r)]
+                else:
+                    details[r.task] = [float(s[r.primary]) for s in _samples(output, r)]
         samples = {r.task: _samples(output, r) for r in self.requests} if per_item else {}
         return Scores(scores, results, time.perf_counter() - start, items, details, samples)
 

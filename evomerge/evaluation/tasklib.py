@@ -17,6 +17,7 @@ from evomerge.evaluation import data
 # Set by the evaluator to the model's tokenizer: gold log-likelihoods are per token.
 _token_counter: Callable[[str], int] | None = None
 _sandbox_options: dict[str, Any] = {}
+_verdicts: dict[Any, bool] = {}  # the last pass@1 aggregation: job -> passed (per-item scores)
 
 
 def set_token_counter(counter: Callable[[str], int] | None) -> None:
@@ -150,7 +151,14 @@ def pass_at_1(items: list) -> float:
 
     limits = _sandbox_options.get("limits", Limits())
     results = run_jobs(list(items), limits=limits, workers=_sandbox_options.get("workers"))
+    _verdicts.clear()
+    _verdicts.update(zip(items, (r.passed for r in results)))
     return sum(r.passed for r in results) / max(1, len(results))
+
+
+def passed(job: Any) -> bool:
+    """The judge's verdict on a job of the last pass@1 aggregation."""
+    return _verdicts[job]
 
 
 def humaneval_gold(doc: dict, results: list) -> dict[str, float]:

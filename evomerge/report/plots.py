@@ -116,3 +116,26 @@ def pareto(study: optuna.Study, tasks: list[str], path: Path) -> None:
     ax.set_title(f"{study.study_name}: Pareto front ({tasks[0]} vs {tasks[1]})")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def heldout(heldout: dict, path: Path) -> None:
+    """The winner minus each source on the held-out items, per task and combined, with 95 % intervals."""
+    comparisons = heldout["comparisons"]
+    names = [*heldout["columns"], *(f"combined {m}" for m in heldout["combined_over"])]
+    keys = [*heldout["columns"], *heldout["combined_over"]]
+    sources = list(comparisons)
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.4 * len(keys) + 1, 3.6), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, key, name in zip(axes[0], keys, names):
+        for i, source in enumerate(sources):
+            found = comparisons[source][key]
+            ax.errorbar([i], [found["difference"]], yerr=[[found["difference"] - found["low"]],
+                                                          [found["high"] - found["difference"]]],
+                        fmt="o", color=colours(i % 10), capsize=3)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(sources)), sources, rotation=45, ha="right", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+    axes[0][0].set_ylabel("winner − source (95 % interval)")
+    fig.suptitle("held-out: the winner against each source, on the same items", fontsize=10)
+    _save(fig, path)

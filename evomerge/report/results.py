@@ -8,7 +8,10 @@ results/<study>/
   tasks.png          each task's score per trial
   importances.png    which searched numbers mattered (fANOVA on the best method's trials)
   pareto.png         the Pareto front (multi-objective studies)
-  heldout.md/.json   the winner and every source model on the held-out split (accuracy metrics)
+  heldout.md/.json   the winner and every source model on the held-out split, and the winner minus
+                     each source with 95 % paired bootstrap intervals and their verdicts
+  heldout_items.json every model's score on every held-out item (any comparison can be recomputed)
+  heldout.png        the winner minus each source, per task and combined, with the intervals
   summary.json       counts, best trial, pruning savings, timings, versions
   search.log         what happened
 """
@@ -136,18 +139,37 @@ def _compact(params: dict[str, Any]) -> str:
 
 
 def _heldout_files(heldout: dict[str, Any], results_dir: Path) -> None:
+    """heldout.json (scores, comparisons), heldout_items.json (every item's score, to recompute any
+    comparison), heldout.md (the table and the verdicts) and heldout.png."""
+    items = heldout.pop("items", None)
+    if items is not None:
+        (results_dir / "heldout_items.json").write_text(json.dumps(items) + "\n")
     (results_dir / "heldout.json").write_text(json.dumps(heldout, indent=2, default=str) + "\n")
     columns, groups = heldout["columns"], heldout["combined_over"]
     header = ["model", *columns, *(f"combined {metric}" for metric in groups)]
     rows = [[name, *(f"{row['scores'][c]:.4f}" for c in columns), *(f"{row['combined'][m]:.4f}" for m in groups)]
             for name, row in heldout["rows"].items()]
-    verdicts = []
-    for metric, beats in heldout["winner_beats_all_sources"].items():
-        verdicts.append(f"on combined {metric} the winner {'beats' if beats else 'does NOT beat'} every source model")
-    text = (f"# Held-out scores\n\nSplit `heldout` (never seen by the search), seed {heldout['seed']}. "
-            f"Combined = mean over the tasks of one metric. {'; '.join(verdicts).capitalize()}.\n\n"
+    text = (f"# Held-out scores\n\nSplit `heldout` (never seen by the search), seed {heldout['seed']}, "
+            f"winner: trial {heldout.get('trial', '?')}. Combined = mean over the tasks of one metric.\n\n"
             + markdown_table(header, rows))
+    comparisons = heldout.get("comparisons")
+    if comparisons:
+        text += ("\n## The winner against each source, on the same items\n\nWinner minus source, with a 95 % "
+                 "paired bootstrap interval (items resampled, the same draw for both models); the verdict is "
+                 "the interval's: above zero *better*, below *worse*, across zero *no detectable difference*.\n\n")
+        names = [*columns, *groups]
+        cells = [[source, *(_difference(c[name]) for name in names)] for source, c in comparisons.items()]
+        text += markdown_table(["vs", *columns, *(f"combined {m}" for m in groups)], cells)
+        for metric in groups:
+            worded = ", ".join(f"{c[metric]['verdict']} than {source}" if c[metric]["verdict"] != "no detectable difference"
+                               else f"no detectable difference from {source}" for source, c in comparisons.items())
+            text += f"\nOn combined {metric} the winner is {worded}.\n"
+        plots.heldout(heldout, results_dir / "heldout.png")
     (results_dir / "heldout.md").write_text(text, encoding="utf-8")
+
+
+def _difference(found: dict[str, Any]) -> str:
+    return f"{found['difference']:+.4f} [{found['low']:+.4f}, {found['high']:+.4f}] {found['verdict']}"
 
 
 def _versions() -> dict[str, str]:

@@ -92,11 +92,14 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
     best = best_trial(study)
     held = None
     if heldout and best is not None:
-        if searcher.engine is None:
-            searcher.load()
+        def load():
+            if searcher.engine is None:
+                searcher.load()
+            return searcher.engine, searcher.evaluator.tokenizer
+
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
-        held = evaluate_heldout(searcher.space, searcher.engine, searcher.evaluator.tokenizer,
-                                Recipe.from_yaml(best.recipe)) | {"trial": best.number}
+        held = evaluate_heldout(searcher.space, load, Recipe.from_yaml(best.recipe),
+                                device=str(searcher.device)) | {"trial": best.number}
     from evomerge.search.reproduce import record
 
     extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=str(searcher.device))}

@@ -1,16 +1,28 @@
-"""Held-out scoring: the winner and every source model, on the split the search never saw."""
+"""Held-out scoring: the winner and every source model, on the split the search never saw.
+
+Each model is scored item by item; the winner is compared with each source on the same items
+(paired differences with bootstrap intervals, `evomerge.report.stats`). Scores are cached by
+what determines them (the recipe with its sources' weight hashes, the held-out entries, seed,
+dtype, batch size, device, task definitions and versions), so re-running a finished study's
+command re-scores nothing.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
-from evomerge.engine import MergeEngine
 from evomerge.evaluation import METRICS, Evaluator
+from evomerge.evaluation.harness import TASKS_DIR
+from evomerge.paths import cache_dir
 from evomerge.recipe import Recipe
+from evomerge.report.stats import paired
 from evomerge.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
+
 
 def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
     """Every source model as the engine sees it: a weight-1 linear "merge" of itself."""
@@ -20,28 +32,78 @@ def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
             for name, path in sources.items()}
 
 
-def evaluate_heldout(space: SearchSpace, engine: MergeEngine, tokenizer, best_recipe: Recipe) -> dict[str, Any]:
-    """Scores the winner and every source; combined = the mean over the tasks of one metric."""
+def _tasks_digest() -> str:
+    digest = hashlib.sha256()
+    for file in sorted(TASKS_DIR.iterdir()):
+        if file.suffix in (".yaml", ".py"):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(space: SearchSpace, recipe: Recipe, device: str) -> str:
+    """What a model's held-out scores depend on; the same key, the same scores."""
+    import lm_eval
+    import torch
+    import transformers
+
+    from evomerge import __version__
+    from evomerge.checkpoint import weights_sha256
+
+    weights = recipe.with_models({ref: weights_sha256(ref) for ref in recipe.referenced_models()})
+    config = space.config
+    key = {"recipe": weights.to_yaml(), "entries": [e.model_dump(mode="json") for e in space.heldout_entries()],
+           "seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size, "device": device,
+           "tasks": _tasks_digest(), "versions": [__version__, lm_eval.__version__, torch.__version__,
+                                                  transformers.__version__]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_file(key: str):
+    return cache_dir() / "heldout" / f"{key}.json"
+
+
+def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], best_recipe: Recipe, *,
+                     device: str) -> dict[str, Any]:
+    """Scores the winner and every source (item by item; cached), and compares the winner with each
+    source on the same items. `load()` gives (engine, tokenizer), called only when a score is missing."""
     entries = space.heldout_entries()
     by_metric: dict[str, list] = {}
     for entry in entries:
         by_metric.setdefault(entry.metric, []).append(entry)
-    evaluators = {metric: Evaluator(space.task_requests(group), tokenizer, split="heldout", seed=space.config.seed,
-                                    batch_size=space.config.batch_size) for metric, group in by_metric.items()}
-    candidates = {"winner": best_recipe, **source_recipes(space)}
     columns = [f"{e.task}/{e.metric}" for e in entries]
     groups = {metric: [c for c in columns if c.endswith("/" + metric)] for metric in METRICS}
     groups = {metric: cols for metric, cols in groups.items() if cols}
+    candidates = {"winner": best_recipe, **source_recipes(space)}
+    evaluators: dict[str, Evaluator] = {}
     rows: dict[str, Any] = {}
+    items: dict[str, dict[str, list[float]]] = {}
     for name, recipe in candidates.items():
-        model = engine.materialize(recipe, seed=space.config.seed)
-        scores = {}
-        for metric, evaluator in evaluators.items():
-            scores.update({f"{task}/{metric}": value for task, value in evaluator.evaluate(model).scores.items()})
+        file = _cache_file(cache_key(space, recipe, device))
+        if file.is_file():
+            cached = json.loads(file.read_text())
+            log.info("held-out %s: cached", name)
+        else:
+            engine, tokenizer = load()
+            if not evaluators:
+                evaluators.update({metric: Evaluator(space.task_requests(group), tokenizer, split="heldout",
+                                                     seed=space.config.seed, batch_size=space.config.batch_size)
+                                   for metric, group in by_metric.items()})
+            model = engine.materialize(recipe, seed=space.config.seed)
+            cached = {"scores": {}, "items": {}}
+            for metric, evaluator in evaluators.items():
+                result = evaluator.evaluate(model, per_item=True)
+                for task, value in result.scores.items():
+                    cached["scores"][f"{task}/{metric}"] = value
+                    cached["items"][f"{task}/{metric}"] = result.per_item[task]
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(cached))
+        scores = cached["scores"]
         combined = {metric: sum(scores[c] for c in cols) / len(cols) for metric, cols in groups.items()}
         rows[name] = {"scores": scores, "combined": combined}
+        items[name] = cached["items"]
         log.info("held-out %s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    beats = {metric: rows["winner"]["combined"][metric] > max(row["combined"][metric] for name, row in rows.items()
-                                                                 if name != "winner") for metric in groups}
+    comparisons = {name: paired(items["winner"], items[name], groups, seed=space.config.seed)
+                   for name in candidates if name != "winner"}
+    better = {metric: all(c[metric]["verdict"] == "better" for c in comparisons.values()) for metric in groups}
     return {"split": "heldout", "seed": space.config.seed, "columns": columns, "combined_over": groups,
-            "rows": rows, "winner_beats_all_sources": beats}
+            "rows": rows, "comparisons": comparisons, "winner_better_than_every_source": better, "items": items}

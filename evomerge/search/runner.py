@@ -223,6 +223,9 @@ class Searcher:
                  store.shown(self.storage_url), done_before, n_trials if n_trials is not None else "unbounded",
                  self.threads)
         outcome = SearchOutcome(study)
+        if n_trials is not None and done_before >= n_trials:
+            log.info("the budget of %d trials is spent: nothing to run", n_trials)
+            return outcome
         if self.engine is None:
             self.load()
         lock = store.AdmissionLock(self.storage_url, self.study_name)
