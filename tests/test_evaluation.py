@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.evaluation import Evaluator, TaskRequest, data
 from evomerge.evaluation.tasklib import humaneval_program, mmlu_scores
 from tests.conftest import REPO
@@ -56,8 +57,6 @@ def test_splits_do_not_depend_on_the_process():
 
 
 def test_split_errors_name_the_task():
-    from evomerge.errors import EvomergeError
-
     with pytest.raises(EvomergeError, match="humaneval: search split has 83 items, 500 asked for"):
         data.select("humaneval", "search", 500, 0)
     with pytest.raises(EvomergeError, match="unknown bogus_subject"):
@@ -185,3 +184,12 @@ def test_a_generation_budget_longer_than_the_context_is_halved_to_fit(tiny_model
     assert task.config.generation_kwargs["max_gen_toks"] == 1024
     evaluator._fit_generation(1024)
     assert task.config.generation_kwargs["max_gen_toks"] == 512
+
+
+@pytest.mark.parametrize("task,shots,message", [
+    ("mmlu", 6, "mmlu.num_fewshot: at most 5 exemplars, got 6"),  # a subject's dev questions: 5
+    ("humaneval", 1, "humaneval.num_fewshot: at most 0 exemplars, got 1"),
+])
+def test_more_exemplars_than_a_task_has_is_refused_naming_the_field(task, shots, message):
+    with pytest.raises(EvomergeError, match=message):
+        TaskRequest(task, "accuracy", num_fewshot=shots)

@@ -98,3 +98,16 @@ def items_sha256(task: str, split: str, size: int | None, seed: int, subjects: l
     """sha256 of the items a split selects (their full content, in order): equal digests, equal items."""
     items = select(task, split, size, seed, subjects=subjects)
     return hashlib.sha256(json.dumps(items, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def max_fewshot(task: str) -> int:
+    """How many exemplars a prompt can take: MMLU's are its subject's dev questions (5 each),
+    GSM8K's come from the training pool, HumanEval has none."""
+    if task == "mmlu":
+        counts: dict[str, int] = {}
+        for item in pool("mmlu", "fewshot"):
+            counts[item["subject"]] = counts.get(item["subject"], 0) + 1
+        return min(counts.values())
+    if task == "gsm8k":
+        return len(pool("gsm8k", "train"))
+    return 0

@@ -91,6 +91,9 @@ class TaskRequest:
             raise EvomergeError(f"tasks: unknown task {self.task!r}; known: {', '.join(data.TASKS)}")
         if self.metric not in METRICS:
             raise EvomergeError(f"{self.task}.metric: must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.num_fewshot > data.max_fewshot(self.task):
+            raise EvomergeError(f"{self.task}.num_fewshot: at most {data.max_fewshot(self.task)} exemplars, "
+                                f"got {self.num_fewshot}")
 
     @property
     def lm_eval_task(self) -> str:
