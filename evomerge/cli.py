@@ -98,6 +98,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.space is None:
         raise EvomergeError("search: give the search space file (SPACE.yaml)")
     space = SearchSpace.load(args.space)
+    if args.sampler:
+        space = space.with_sampler(args.sampler)
     if count is not None:
         if not count.isdigit() or int(count) < 1:
             raise EvomergeError(f"--dry-run: N must be a whole number above 0, got {count!r}")
@@ -233,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local worker processes on the study (one per GPU when there are several)")
     search.add_argument("--worker", action="store_true",
                         help="run as one worker of a shared study: trials only, no held-out or results folder")
+    search.add_argument("--sampler", default=None,
+                        help="cmaes, tpe, random, nsga2, greedy_soup or uniform_soup: override the space's sampler; the trials join the same study (e.g. a soup baseline "
+                             "beside a CMA-ES search)")
     search.add_argument("--reproduce", default=None, metavar="RESULTS_DIR",
                         help="re-run the finished study of a results folder from scratch and report, per trial, "
                              "whether parameters match and the largest score difference")

@@ -41,6 +41,7 @@ STUDY_MODELS = "evomerge:models"  # model name -> resolved path
 FIELDS: Mapping[str, str] = {
     "recipe": "recipe",
     "method": "method",
+    "proposer": "proposer",  # the sampler that proposed it (cmaes, tpe, …, greedy_soup, uniform_soup)
     "seed": "seed",
     "scores": "scores",
     "first_rung_scores": "first_rung_scores",
@@ -109,6 +110,7 @@ class TrialRecord:
     params: dict[str, Any] = field(default_factory=dict)
     recipe: str | None = None
     method: str | None = None
+    proposer: str | None = None
     seed: int | None = None
     scores: dict[str, float] = field(default_factory=dict)
     first_rung_scores: dict[str, float] = field(default_factory=dict)
@@ -132,6 +134,12 @@ class TrialRecord:
     @property
     def score(self) -> float:
         return score(self.values)
+
+    @property
+    def label(self) -> str:
+        """The method, and the soup that proposed it (a search's own trials: the method alone)."""
+        method = self.method or "?"
+        return f"{method} ({self.proposer.replace('_', ' ')})" if self.proposer and "soup" in self.proposer else method
 
     @property
     def complete(self) -> bool:

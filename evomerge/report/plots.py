@@ -28,10 +28,10 @@ def history(study: optuna.Study, path: Path) -> None:
     """Every trial's score, coloured by method, with the best so far; pruned and failed trials marked."""
     trials = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    methods = sorted({t.method or "?" for t in trials})
+    methods = sorted({t.label for t in trials})
     colours = plt.get_cmap("tab10")
     for i, method in enumerate(methods):
-        mine = [t for t in trials if (t.method or "?") == method and t.state == TrialState.COMPLETE]
+        mine = [t for t in trials if t.label == method and t.state == TrialState.COMPLETE]
         if mine:
             ax.scatter([t.number for t in mine], [t.score for t in mine], s=18, color=colours(i % 10), label=method)
     # Pruned trials were scored on the first rung's items only, a different scale from the full

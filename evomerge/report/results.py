@@ -115,13 +115,13 @@ def _leaderboard(study: optuna.Study, results_dir: Path, task_names: list[str], 
         writer = csv.writer(handle)
         writer.writerow(["rank", "trial", "score", "method", *task_names, "seconds", "cpu_seconds", "recipe"])
         for rank, r in enumerate(rows, 1):
-            writer.writerow([rank, r.number, f"{r.score:.6f}", r.method,
+            writer.writerow([rank, r.number, f"{r.score:.6f}", r.label,
                              *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names), r.seconds, r.cpu_seconds,
                              Recipe.from_yaml(r.recipe).with_models(rename).to_yaml() if rename else r.recipe])
     header = ["rank", "trial", "score", "method", *task_names, "parameters"]
     table = []
     for rank, r in enumerate(rows[:20], 1):
-        table.append([rank, r.number, f"{r.score:.4f}", r.method,
+        table.append([rank, r.number, f"{r.score:.4f}", r.label,
                       *(f"{r.scores.get(task, math.nan):.4f}" for task in task_names), _compact(r.params)])
     text = f"# Leaderboard: {study.study_name}\n\nTop {len(table)} of {len(rows)} completed trials (higher is better). "
     text += "Full recipes: leaderboard.csv; the winner: best.yaml.\n\n" + markdown_table(header, table)

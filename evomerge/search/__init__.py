@@ -62,6 +62,8 @@ def run(job: SearchJob) -> dict[str, Any]:
     """Trials, then the best trial's held-out scores, then the results folder; returns the summary."""
     from evomerge.log import setup_logging
 
+    if job.workers > 1 and job.space.soup:
+        raise EvomergeError(f"--workers: {job.space.soup} decides each trial from the last; run it with one worker")
     runs_code = job.space.runs_generated_code(heldout=job.heldout)
     if runs_code:
         require_isolation()  # refused now, not after hours of trials
@@ -200,6 +202,10 @@ def dry_run(space: SearchSpace, count: int = 3) -> list[Recipe]:
     from evomerge.checkpoint import locate
     from evomerge.search.sampler import make_sampler, suggest
 
+    if space.soup:  # what a soup tries before it has scores: each source alone (greedy), or all of them
+        names = list(space.models)
+        first = [[name] for name in names] if space.soup == "greedy_soup" else [names]
+        return [space.soup_recipe(members) for members in first[:count]]
     study = optuna.create_study(directions=["maximize"] * space.objectives, sampler=make_sampler(space))
     layers = {path: locate(path).num_layers for path in space.models.values()} if space.config.stacking else None
     recipes = []

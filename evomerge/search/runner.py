@@ -33,6 +33,8 @@ from evomerge.recipe import Recipe
 from evomerge.search import storage as store
 from evomerge.search.interrupts import InterruptGate
 from evomerge.search.sampler import make_sampler, suggest
+from evomerge.search.soup import remaining as soup_remaining
+from evomerge.search.soup import suggest_members
 from evomerge.search.space import SearchSpace
 from evomerge.trials import check_study_name
 
@@ -156,6 +158,8 @@ class Searcher:
     # ------------------------------------------------------------------ one trial
 
     def recipe_for(self, trial: optuna.Trial) -> Recipe:
+        if self.space.soup:
+            return self.space.soup_recipe(suggest_members(trial, list(self.space.models)))
         method, values = suggest(trial, self.space)
         return self.space.recipe(method, values, self.engine.model_layers if self.engine else None)
 
@@ -163,7 +167,7 @@ class Searcher:
         config = self.space.config
         recipe = self.recipe_for(trial)
         text = recipe.to_yaml()
-        record.write(trial, recipe=text, method=recipe.merge_method, seed=config.seed)
+        record.write(trial, recipe=text, method=recipe.merge_method, proposer=config.sampler, seed=config.seed)
         started, cpu_started = time.perf_counter(), time.process_time()
         key = hashlib.sha256(text.encode()).hexdigest()
         if key in self._recipe_scores:  # the same recipe again (e.g. a parameter-less method)
@@ -176,7 +180,8 @@ class Searcher:
         except MergeFailure as exc:
             raise CandidateFailed(str(exc)) from exc
         merge_seconds = time.perf_counter() - started
-        pruning = config.pruning.enabled and config.objective != "multi"
+        # a soup's decisions need full scores: its trials are never pruned
+        pruning = config.pruning.enabled and config.objective != "multi" and not self.space.soup
         if pruning:
             rung = config.pruning.first_rung
             first = self._score(model, part=(0.0, rung))
@@ -219,6 +224,8 @@ class Searcher:
         if recovered:
             log.info("recovered %d trial(s) of dead workers (re-queued)", recovered)
         done_before = store.finished_count(study)
+        if self.space.soup:  # as many trials as the soup still needs, beside any the study holds
+            n_trials = done_before + soup_remaining(self.space.soup, list(self.space.models), study)
         log.info("study '%s' in %s: %d finished trials so far, budget %s, %d CPU threads", self.study_name,
                  store.shown(self.storage_url), done_before, n_trials if n_trials is not None else "unbounded",
                  self.threads)

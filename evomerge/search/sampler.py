@@ -35,6 +35,7 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge import trials as record
+from evomerge.search.soup import SoupSampler
 from evomerge.search.space import SearchSpace
 from evomerge.trials import CMA_X, PROPOSED_METHOD, Dimension, TrialRecord
 
@@ -219,6 +220,8 @@ class MethodwiseCmaEs(BaseSampler):
 
 def make_sampler(space: SearchSpace) -> BaseSampler:
     config = space.config
+    if space.soup:
+        return SoupSampler(space.soup, list(space.models))
     if config.sampler == "cmaes":
         return MethodwiseCmaEs(space, seed=config.seed)
     if config.sampler == "tpe":

@@ -24,6 +24,7 @@ from evomerge.evaluation import METRICS, TASKS, TaskRequest, runs_generated_code
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
 from evomerge.recipe import Recipe, format_validation_error
+from evomerge.search.soup import SOUPS, check_method, soup_recipe
 from evomerge.trials import Dimension, check_study_name, dimension_name
 
 
@@ -102,7 +103,7 @@ class SpaceConfig(_Strict):
     tasks: list[TaskEntry] = Field(min_length=1)
     heldout: Optional[list[HeldoutEntry]] = None
     objective: Literal["weighted_sum", "multi"] = "weighted_sum"
-    sampler: Literal["cmaes", "tpe", "random", "nsga2"] = "cmaes"
+    sampler: Literal["cmaes", "tpe", "random", "nsga2", "greedy_soup", "uniform_soup"] = "cmaes"
     n_trials: Optional[int] = Field(None, ge=1)
     timeout: Optional[float] = Field(None, gt=0)  # seconds
     seed: int = 0
@@ -134,7 +135,11 @@ class SpaceConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SpaceConfig":
-        if self.n_trials is None and self.timeout is None:
+        if self.sampler in SOUPS:  # a soup knows its own length
+            problem = check_method(self.methods[0])
+            if problem:
+                raise ValueError(f"sampler: {self.sampler}: {problem}")
+        elif self.n_trials is None and self.timeout is None:
             raise ValueError("n_trials or timeout: give at least one, or the search never stops")
         if self.objective == "multi" and self.sampler == "cmaes":
             raise ValueError("sampler: cmaes optimises one objective; use nsga2, tpe or random with objective: multi")
@@ -331,12 +336,29 @@ class SearchSpace:
 
     # ------------------------------------------------------------------ recipes
 
+    @property
+    def soup(self) -> str | None:
+        """The soup this space's sampler makes (greedy_soup, uniform_soup), or None for a search."""
+        return self.config.sampler if self.config.sampler in SOUPS else None
+
+    def with_sampler(self, sampler: str) -> "SearchSpace":
+        """The same space proposed by another sampler (same study: the sampler is not part of it)."""
+        return SearchSpace.from_dict({**self.config.model_dump(mode="json", exclude_unset=True), "sampler": sampler},
+                                     self.source)
+
+    def _common(self) -> dict[str, Any]:
+        common = {"dtype": self.config.dtype}
+        if self.config.out_dtype:
+            common["out_dtype"] = self.config.out_dtype
+        return common
+
+    def soup_recipe(self, members: list[str]) -> Recipe:
+        """The first method over `members` (model names) with equal weights."""
+        return soup_recipe(self.methods[0], members, self.models, self.base, self._common())
+
     def recipe(self, method: str, values: dict[str, float], model_layers: dict[str, int] | None = None) -> Recipe:
         """The mergekit recipe that the values of one method's dimensions mean."""
-        config = self.config
-        common = {"merge_method": method, "dtype": config.dtype}
-        if config.out_dtype:
-            common["out_dtype"] = config.out_dtype
+        common = {"merge_method": method, **self._common()}
         spec = registry.get(method)
         if spec.copies_one_input:
             return Recipe.from_dict({**common, "slices": self._stack_slices(method, values, model_layers or {})})
