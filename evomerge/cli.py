@@ -34,6 +34,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.search.export import export
+
+    out = export(args.results_dir, args.out_dir, trial=args.trial, device=args.device, progress=not args.quiet)
+    print(f"exported to {out}")
+    return 0
+
+
 def parse_tasks(spec: str, metric: str, limit: int | None, num_fewshot: int, subjects: str | None):
     """'gsm8k,mmlu:accuracy,humaneval' -> TaskRequests; a ':metric' suffix overrides --metric."""
     from evomerge.evaluation import TaskRequest
@@ -192,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     merge.set_defaults(func=_cmd_merge)
+
+    exp = sub.add_parser("export", help="write a study's winner (or --trial N) as a Hugging Face checkpoint")
+    exp.add_argument("results_dir", help="a results folder of evomerge search (results/<study>)")
+    exp.add_argument("out_dir")
+    exp.add_argument("--trial", type=int, default=None, help="a completed trial's number (default: the winner)")
+    exp.add_argument("--device", default="auto")
+    exp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    exp.set_defaults(func=_cmd_export)
 
     ev = sub.add_parser("eval", help="score a model on GSM8K / MMLU / HumanEval subsets (offline, through lm-eval)")
     ev.add_argument("model", help="model directory, .gguf file or cached Hugging Face id")

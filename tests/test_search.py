@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -731,3 +732,31 @@ def test_reproduce_reruns_a_finished_study_and_reports_each_trials_difference(ti
     (results / "summary.json").write_text(json.dumps(summary))
     assert main(["search", "--reproduce", str(results), "-q"]) == 1
     assert "inputs changed: items_sha256" in capsys.readouterr().out
+
+
+def test_export_writes_exactly_what_merge_writes_with_the_search_in_its_card(tiny_family, tmp_path, capsys):
+    """`evomerge export RESULTS OUT` = `evomerge merge best.yaml OUT` (same files, same tensors), plus
+    the trial's scores, the held-out table and versions in the model card; `--trial N` any completed trial."""
+    from safetensors.torch import load_file
+
+    from evomerge.cli import main
+
+    space = _space(tiny_family, tmp_path, n_trials=4, pruning={"enabled": False})
+    assert main(["search", str(_write(space, tmp_path / "space.yaml")), "-q"]) == 0
+    results = tmp_path / "results" / "tiny"
+    summary = json.loads((results / "summary.json").read_text())
+    assert main(["export", str(results), str(tmp_path / "exported"), "--device", "cpu", "-q"]) == 0
+    assert main(["merge", str(results / "best.yaml"), str(tmp_path / "merged"), "--device", "cpu", "-q"]) == 0
+    exported, merged = tmp_path / "exported", tmp_path / "merged"
+    assert sorted(p.name for p in exported.iterdir()) == sorted(p.name for p in merged.iterdir())
+    a, b = load_file(exported / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (exported / "mergekit_config.yml").read_text() == (merged / "mergekit_config.yml").read_text()
+    readme = (exported / "README.md").read_text()
+    assert f"Trial {summary['best']['trial']} of study `tiny`" in readme and "## Held-out scores" in readme
+    assert "- torch " in readme and f"{summary['best']['scores']['gsm8k']:.4f}" in readme
+    other = next(n for n in range(4) if n != summary["best"]["trial"])
+    assert main(["export", str(results), str(tmp_path / "other"), "--trial", str(other), "--device", "cpu", "-q"]) == 0
+    assert "## Held-out scores" not in (tmp_path / "other" / "README.md").read_text()
+    assert main(["export", str(results), str(tmp_path / "none"), "--trial", "99", "-q"]) == 2
+    assert "--trial: study 'tiny' has no trial 99" in capsys.readouterr().err

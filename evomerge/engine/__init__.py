@@ -20,8 +20,10 @@ def merge_to_checkpoint(
     seed: int = 0,
     allow_bin: bool = False,
     progress: bool = True,
+    card: str = "",
 ) -> Path:
-    """`mergekit-yaml` equivalent: merge a recipe and write a Hugging Face checkpoint."""
+    """`mergekit-yaml` equivalent: merge a recipe and write a Hugging Face checkpoint (`card`: more
+    Markdown for its model card)."""
     check_output_dir(out_dir, [locate(ref, allow_bin=allow_bin).path for ref in recipe.referenced_models()])
     engine = MergeEngine(
         recipe.referenced_models(),
@@ -34,4 +36,4 @@ def merge_to_checkpoint(
         progress=progress,
     )
     model = engine.materialize(recipe, seed=seed, progress=progress)
-    return save_checkpoint(model, recipe, engine.sources, out_dir)
+    return save_checkpoint(model, recipe, engine.sources, out_dir, card)

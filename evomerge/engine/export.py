@@ -78,7 +78,7 @@ def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Pat
     tokenizer.save_pretrained(out_dir)
 
 
-def model_card(recipe: Recipe, name: str) -> str:
+def model_card(recipe: Recipe, name: str, extra: str = "") -> str:
     models = "\n".join(f"- {ref}" for ref in recipe.referenced_models())
     return f"""---
 library_name: transformers
@@ -101,7 +101,7 @@ using the **{recipe.merge_method}** method. The recipe below is a mergekit confi
 ```yaml
 {recipe.to_yaml().rstrip()}
 ```
-"""
+{extra}"""
 
 
 def check_output_dir(out_dir: str | Path, sources: list[Path]) -> Path:
@@ -123,7 +123,8 @@ def check_output_dir(out_dir: str | Path, sources: list[Path]) -> Path:
 MERGE_MARKER = "mergekit_config.yml"  # every checkpoint evomerge (or mergekit) writes has one
 
 
-def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path) -> Path:
+def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path,
+                    card: str = "") -> Path:
     """Writes the checkpoint into a scratch folder beside OUT_DIR that replaces it only when complete:
     an interrupted or failed write leaves OUT_DIR as it was."""
     out = check_output_dir(out_dir, [s.path for s in sources.values()])
@@ -134,6 +135,6 @@ def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceM
         model.save_pretrained(scratch, safe_serialization=True)
         save_tokenizer(recipe, sources, scratch)
         recipe.save(scratch / MERGE_MARKER)
-        (scratch / "README.md").write_text(model_card(recipe, out.name), encoding="utf-8")
+        (scratch / "README.md").write_text(model_card(recipe, out.name, card), encoding="utf-8")
     log.info("wrote %s", out)
     return Path(out_dir)

@@ -86,7 +86,7 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
         },
         "pruning": pruning_savings(study),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "versions": _versions(),
+        "versions": versions(),
         **(extra or {}),
     }
     if heldout is not None:
@@ -172,7 +172,7 @@ def _difference(found: dict[str, Any]) -> str:
     return f"{found['difference']:+.4f} [{found['low']:+.4f}, {found['high']:+.4f}] {found['verdict']}"
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import torch
     import transformers
 

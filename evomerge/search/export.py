@@ -1,0 +1,77 @@
+"""`evomerge export RESULTS_DIR OUT_DIR [--trial N]`: a finished study's winner (or any completed
+trial) as a Hugging Face checkpoint: exactly what `evomerge merge` writes for the trial's recipe,
+with a model card that also holds the trial's search scores, the held-out table (for the winner)
+and the versions that made it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import Recipe
+from evomerge.search import storage as store
+from evomerge.trials import TrialRecord
+
+log = logging.getLogger(__name__)
+
+
+def _study(folder: Path) -> optuna.Study:
+    summary_file = folder / "summary.json"
+    if not summary_file.is_file():
+        raise EvomergeError(f"RESULTS_DIR {folder}: no summary.json (a results folder of evomerge search)")
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    storage = store.default_storage(folder) if (folder / "study.db").is_file() else summary.get("storage")
+    try:
+        return optuna.load_study(study_name=summary["study"], storage=store.normalize_url(storage))
+    except KeyError:
+        raise EvomergeError(f"RESULTS_DIR {folder}: no study '{summary['study']}' in {store.shown(storage)}") from None
+
+
+def chosen_trial(study: optuna.Study, number: int | None) -> TrialRecord:
+    from evomerge.report.results import best_trial
+
+    if number is None:
+        best = best_trial(study)
+        if best is None:
+            raise EvomergeError(f"study '{study.study_name}' has no completed trial to export")
+        return best
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not found:
+        raise EvomergeError(f"--trial: study '{study.study_name}' has no trial {number}")
+    record = TrialRecord.of(found[0])
+    if record.state != TrialState.COMPLETE or not record.recipe:
+        raise EvomergeError(f"--trial: trial {number} is {record.state.name.lower()}, not a completed trial")
+    return record
+
+
+def card(folder: Path, record: TrialRecord) -> str:
+    """The model card's evomerge section: search scores, the held-out table, versions."""
+    from evomerge.report.results import versions
+
+    lines = [f"\n## Search\n\nTrial {record.number} of study `{folder.name}` ({record.label}), search-split "
+             f"score {record.score:.4f}:\n"]
+    lines += [f"- {task}: {value:.4f}" for task, value in record.scores.items()]
+    heldout = folder / "heldout.json"
+    if heldout.is_file() and json.loads(heldout.read_text()).get("trial") == record.number:
+        table = (folder / "heldout.md").read_text(encoding="utf-8").split("\n", 2)[-1].replace("\n## ", "\n### ")
+        lines += ["\n## Held-out scores\n", table.strip()]
+    lines += ["\n## Versions\n", *(f"- {name} {version}" for name, version in versions().items())]
+    return "\n".join(lines) + "\n"
+
+
+def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = None, device: str = "auto",
+           progress: bool = True) -> Path:
+    from evomerge.demo.family import resolve_members
+    from evomerge.engine import merge_to_checkpoint
+
+    folder = Path(results_dir)
+    record = chosen_trial(_study(folder), trial)
+    recipe = resolve_members(Recipe.from_yaml(record.recipe), device=device, progress=progress)
+    log.info("exporting trial %d (%s) to %s", record.number, record.label, out_dir)
+    return merge_to_checkpoint(recipe, out_dir, device=device, seed=record.seed or 0, progress=progress,
+                               card=card(folder, record))
