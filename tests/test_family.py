@@ -104,7 +104,7 @@ def test_gguf_file_is_a_source_and_matches_its_conversion():
 def test_the_demo_family_builds_to_the_same_bytes_with_1_and_2_threads(tmp_path, monkeypatch):
     """Same recipe, same weights, whatever the core count: the family is built from scratch (GGUF
     conversion included) in two empty caches, with 1 and with 2 threads, and the manifests'
-    weight hashes are compared (~15 minutes on 2 cores)."""
+    weight hashes are compared (~30 minutes on 2 cores: the 1-thread build is the slow one)."""
     from evomerge.device import use_threads
 
     before = torch.get_num_threads()

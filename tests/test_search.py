@@ -643,9 +643,13 @@ def test_paths_are_written_as_the_user_gave_them(tiny_family, tmp_path, monkeypa
     space["models"] = [{"name": "math", "path": f"~/{family}/ft_math"}, {"name": "code", "path": f"~/{family}/ft_code"}]
     run_search(SearchSpace.from_dict(space, source=tmp_path / "s.yaml"), heldout=False, progress=False)
     results = tmp_path / "results" / "tiny"
-    for name in ("best.yaml", "leaderboard.csv"):
-        text = (results / name).read_text()
-        assert f"~/{family}/ft_math" in text and tiny_family["ft_math"] not in text, name
+    for rewrite in (False, True):  # as the search wrote them, and as `evomerge report` rewrites them
+        if rewrite:
+            assert main(["report", "--storage", f"sqlite:///{results / 'study.db'}", "--study-name", "tiny",
+                         "--results", str(tmp_path / "results")]) == 0
+        for name in ("best.yaml", "leaderboard.csv"):
+            text = (results / name).read_text()
+            assert f"~/{family}/ft_math" in text and tiny_family["ft_math"] not in text, (name, rewrite)
     assert main(["merge", str(results / "best.yaml"), str(tmp_path / "merged"), "--device", "cpu", "-q"]) == 0
 
 

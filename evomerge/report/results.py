@@ -162,7 +162,7 @@ def _heldout_files(heldout: dict[str, Any], results_dir: Path) -> None:
         text += markdown_table(["vs", *columns, *(f"combined {m}" for m in groups)], cells)
         for metric in groups:
             worded = ", ".join(f"{c[metric]['verdict']} than {source}" if c[metric]["verdict"] != "no detectable difference"
-                               else f"no detectable difference from {source}" for source, c in comparisons.items())
+                               else f"not detectably different from {source}" for source, c in comparisons.items())
             text += f"\nOn combined {metric} the winner is {worded}.\n"
         plots.heldout(heldout, results_dir / "heldout.png")
     (results_dir / "heldout.md").write_text(text, encoding="utf-8")

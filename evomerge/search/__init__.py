@@ -28,7 +28,7 @@ from evomerge.search import storage as store
 from evomerge.search.heldout import evaluate_heldout
 from evomerge.search.runner import Searcher
 from evomerge.search.space import SearchSpace
-from evomerge.trials import study_task_names
+from evomerge.trials import STUDY_SPACE, study_task_names
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ def run(job: SearchJob) -> dict[str, Any]:
 
 def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: dict[str, Any]) -> dict[str, Any]:
     """The best trial's held-out scores (when asked), then the results folder."""
+    from evomerge.device import resolve_device
     from evomerge.report.results import best_trial, write_results
+    from evomerge.search.reproduce import record
 
     best = best_trial(study)
     held = None
@@ -101,10 +103,9 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
 
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
         held = evaluate_heldout(searcher.space, load, Recipe.from_yaml(best.recipe),
-                                device=str(searcher.device)) | {"trial": best.number}
-    from evomerge.search.reproduce import record
-
-    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=str(searcher.device))}
+                                device=str(resolve_device(searcher.device))) | {"trial": best.number}
+    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads,
+                                          device=str(resolve_device(searcher.device)))}
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
                          extra=extra, rename=searcher.space.portable_refs)
 
@@ -190,10 +191,23 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
         extra = {"storage": store.shown(storage)}
         if previous.get("study") == study_name and previous.get("reproduce"):  # the search's own record stays
             extra["reproduce"] = previous["reproduce"]
-        return write_results(study, folder, task_names=study_task_names(study), heldout=held, extra=extra)
+        return write_results(study, folder, task_names=study_task_names(study), heldout=held, extra=extra,
+                             rename=_portable_refs(study))
     searcher = Searcher(heldout_space, storage=storage, study_name=study_name, results_root=results_root)
     searcher.open_study()  # refuses a space other than the study's
     return _finish(searcher, study, heldout=True, extra={"storage": store.shown(storage)})
+
+
+def _portable_refs(study: optuna.Study) -> dict[str, str]:
+    """Model paths -> the names the study's space gave them (demo-family members by name), from the
+    space the study records; nothing when it records none or its models are not on this machine."""
+    config = study.user_attrs.get(STUDY_SPACE)
+    if not config:
+        return {}
+    try:
+        return SearchSpace.from_dict(config).portable_refs
+    except EvomergeError:
+        return {}
 
 
 def dry_run(space: SearchSpace, count: int = 3) -> list[Recipe]:
