@@ -295,7 +295,7 @@ def file_sha256(file: Path) -> str:
     a multi-GB source is hashed once, not on every run."""
     from filelock import FileLock
 
-    from evomerge.paths import cache_dir
+    from evomerge.paths import atomic_write_text, cache_dir
 
     file = Path(file).resolve()
     stat = file.stat()
@@ -313,7 +313,7 @@ def file_sha256(file: Path) -> str:
     with FileLock(str(memo) + ".lock"):
         known = json.loads(memo.read_text()) if memo.exists() else {}
         known[key] = digest.hexdigest()
-        memo.write_text(json.dumps(known, indent=0))
+        atomic_write_text(memo, json.dumps(known, indent=0))  # an interrupted write leaves the old memo
     return digest.hexdigest()
 
 

@@ -36,11 +36,32 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
+def atomic_write_text(target: Path, text: str) -> None:
+    """Writes `text` to a scratch file beside `target` that replaces it once complete: a reader (or
+    a later run) sees the old file or the new one, never half of one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(scratch, 0o666 & ~_umask())
+        os.replace(scratch, target)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _ordinary_permissions(folder: Path) -> None:
     """What the umask gives new files and folders: mkdtemp's 0700, and the 0600 some writers use for
     their temporary files (safetensors, the peft/transformers savers), would make the result private."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

@@ -441,3 +441,22 @@ def test_a_merged_checkpoint_has_ordinary_permissions(tiny_family, tmp_path):
         os.umask(mask)
     assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "merged" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_interrupted_small_file_write_leaves_the_old_file(tmp_path, monkeypatch):
+    """Caches (the sha256 memo, held-out scores) are written whole or not at all."""
+    from evomerge import paths
+
+    target = tmp_path / "memo.json"
+    paths.atomic_write_text(target, "old")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.read_text() == "old" and target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paths.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        paths.atomic_write_text(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["memo.json"]

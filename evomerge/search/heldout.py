@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import lru_cache
 from typing import Any, Callable
 
 from evomerge.evaluation import METRICS, Evaluator
 from evomerge.evaluation.harness import TASKS_DIR
-from evomerge.paths import cache_dir
+from evomerge.paths import atomic_write_text, cache_dir
 from evomerge.recipe import Recipe
 from evomerge.report.stats import paired
 from evomerge.search.space import SearchSpace
@@ -32,6 +33,7 @@ def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
             for name, path in sources.items()}
 
 
+@lru_cache(maxsize=None)
 def _tasks_digest() -> str:
     digest = hashlib.sha256()
     for file in sorted(TASKS_DIR.iterdir()):
@@ -95,8 +97,7 @@ def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], be
                 for task, value in result.scores.items():
                     cached["scores"][f"{task}/{metric}"] = value
                     cached["items"][f"{task}/{metric}"] = result.per_item[task]
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps(cached))
+            atomic_write_text(file, json.dumps(cached))  # never half a cache entry
         scores = cached["scores"]
         combined = {metric: sum(scores[c] for c in cols) / len(cols) for metric, cols in groups.items()}
         rows[name] = {"scores": scores, "combined": combined}
