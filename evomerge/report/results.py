@@ -90,8 +90,8 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
         **(extra or {}),
     }
     if heldout is not None:
-        summary["heldout"] = heldout
-        _heldout_files(heldout, results_dir)
+        summary["heldout"] = {key: value for key, value in heldout.items() if key != "items"}
+        _heldout_files(summary["heldout"], heldout.get("items"), results_dir)
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     log.info("results written to %s", results_dir)
     return summary
@@ -138,11 +138,10 @@ def _compact(params: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _heldout_files(heldout: dict[str, Any], results_dir: Path) -> None:
+def _heldout_files(heldout: dict[str, Any], items: dict[str, Any] | None, results_dir: Path) -> None:
     """heldout.json (scores, comparisons), heldout_items.json (every item's score, to recompute any
     comparison), heldout.md (the table and the verdicts) and heldout.png."""
-    items = heldout.pop("items", None)
-    if items is not None:
+    if items is not None:  # (a report rewritten from heldout.json has none: the file written with it stays)
         (results_dir / "heldout_items.json").write_text(json.dumps(items) + "\n")
     (results_dir / "heldout.json").write_text(json.dumps(heldout, indent=2, default=str) + "\n")
     columns, groups = heldout["columns"], heldout["combined_over"]

@@ -94,6 +94,7 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
     from evomerge.search.reproduce import record
 
     best = best_trial(study)
+    device = str(resolve_device(searcher.device))
     held = None
     if heldout and best is not None:
         def load():
@@ -103,9 +104,8 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
 
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
         held = evaluate_heldout(searcher.space, load, Recipe.from_yaml(best.recipe),
-                                device=str(resolve_device(searcher.device))) | {"trial": best.number}
-    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads,
-                                          device=str(resolve_device(searcher.device)))}
+                                device=device) | {"trial": best.number}
+    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=device)}
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
                          extra=extra, rename=searcher.space.portable_refs)
 

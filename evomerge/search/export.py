@@ -20,18 +20,6 @@ from evomerge.trials import TrialRecord
 log = logging.getLogger(__name__)
 
 
-def _study(folder: Path) -> optuna.Study:
-    summary_file = folder / "summary.json"
-    if not summary_file.is_file():
-        raise EvomergeError(f"RESULTS_DIR {folder}: no summary.json (a results folder of evomerge search)")
-    summary = json.loads(summary_file.read_text(encoding="utf-8"))
-    storage = store.default_storage(folder) if (folder / "study.db").is_file() else summary.get("storage")
-    try:
-        return optuna.load_study(study_name=summary["study"], storage=store.normalize_url(storage))
-    except KeyError:
-        raise EvomergeError(f"RESULTS_DIR {folder}: no study '{summary['study']}' in {store.shown(storage)}") from None
-
-
 def chosen_trial(study: optuna.Study, number: int | None) -> TrialRecord:
     from evomerge.report.results import best_trial
 
@@ -70,7 +58,8 @@ def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = 
     from evomerge.engine import merge_to_checkpoint
 
     folder = Path(results_dir)
-    record = chosen_trial(_study(folder), trial)
+    _summary, study = store.open_results(folder, "RESULTS_DIR")
+    record = chosen_trial(study, trial)
     recipe = resolve_members(Recipe.from_yaml(record.recipe), device=device, progress=progress)
     log.info("exporting trial %d (%s) to %s", record.number, record.label, out_dir)
     return merge_to_checkpoint(recipe, out_dir, device=device, seed=record.seed or 0, progress=progress,

@@ -95,21 +95,15 @@ def reproduce(results_dir: str | Path, *, device: str | None = None, threads: in
     from evomerge.search.runner import Searcher
 
     folder = Path(results_dir)
-    summary_file = folder / "summary.json"
-    if not summary_file.is_file():
-        raise EvomergeError(f"--reproduce: no summary.json in {folder} (a results folder of evomerge search)")
-    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    summary, study = store.open_results(folder, "--reproduce")
     saved = summary.get("reproduce")
     if not saved:
-        raise EvomergeError(f"--reproduce: {summary_file} has no reproducibility record; rerun the search to write one")
+        raise EvomergeError(f"--reproduce: {folder / 'summary.json'} has no reproducibility record; "
+                            "rerun the search to write one")
     if summary.get("this_run", {}).get("workers", 1) > 1:
         log.warning("this study ran with several workers: trial order, hence proposals, may differ")
     space = SearchSpace.from_dict(saved["space"])
-    storage = store.default_storage(folder) if (folder / "study.db").is_file() else summary.get("storage")
-    try:
-        original = _trials(optuna.load_study(study_name=summary["study"], storage=store.normalize_url(storage)))
-    except KeyError:
-        raise EvomergeError(f"--reproduce: no study '{summary['study']}' in {store.shown(storage)}") from None
+    original = _trials(study)
 
     checks = {"sources_sha256": sources_sha256(space), "items_sha256": items_record(space)}
     changed = [key for key in checks if checks[key] != saved.get(key)]

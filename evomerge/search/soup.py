@@ -98,7 +98,7 @@ class SoupSampler(BaseSampler):
         return {}
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        history = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        history = _finished(study)
         members, _left = plan(self.kind, self.names, history)
         # past the end (more trials than the soup needs): the soup it settled on, scored again
         self._members[trial.number] = members if members is not None else final_soup(self.kind, self.names, history)
@@ -113,9 +113,12 @@ def suggest_members(trial: optuna.Trial, names: Sequence[str]) -> list[str]:
     return [name for name in names if trial.suggest_categorical(PARAM + name, [0, 1]) == 1]
 
 
+def _finished(study: Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+
+
 def remaining(kind: str, names: Sequence[str], study: optuna.Study) -> int:
-    history = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    return plan(kind, names, history)[1]
+    return plan(kind, names, _finished(study))[1]
 
 
 def soup_recipe(method: str, members: Sequence[str], models: dict[str, str], base: str | None,

@@ -55,6 +55,22 @@ def default_storage(results: Path) -> str:
     return f"sqlite:///{(results / 'study.db').resolve()}"
 
 
+def open_results(folder: Path, what: str) -> tuple[dict, optuna.Study]:
+    """A results folder's summary.json and its study (the folder's study.db, else the storage the
+    summary names); `what` names the argument in errors."""
+    import json
+
+    summary_file = folder / "summary.json"
+    if not summary_file.is_file():
+        raise EvomergeError(f"{what} {folder}: no summary.json (a results folder of evomerge search)")
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    storage = default_storage(folder) if (folder / "study.db").is_file() else summary.get("storage")
+    try:
+        return summary, optuna.load_study(study_name=summary["study"], storage=normalize_url(storage))
+    except KeyError:
+        raise EvomergeError(f"{what} {folder}: no study '{summary['study']}' in {shown(storage)}") from None
+
+
 def requeue_once(study: optuna.Study, trial: FrozenTrial) -> None:
     """A trial lost with its worker is tried again once, with the same parameters."""
     if record.TrialRecord.of(trial).retry_of is not None:
