@@ -28,7 +28,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         log.warning("%s: not a parameter of %s; ignored (as mergekit does)", unknown, recipe.merge_method)
     out = merge_to_checkpoint(
         recipe, args.out_dir, device=args.device, seed=args.seed, allow_bin=args.allow_bin,
-        progress=not args.quiet,
+        progress=not args.quiet, gguf=args.gguf,
     )
     print(f"merged model written to {out}")
     return 0
@@ -37,7 +37,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from evomerge.search.export import export
 
-    out = export(args.results_dir, args.out_dir, trial=args.trial, device=args.device, progress=not args.quiet)
+    out = export(args.results_dir, args.out_dir, trial=args.trial, device=args.device, progress=not args.quiet,
+                 gguf=args.gguf)
     print(f"exported to {out}")
     return 0
 
@@ -185,6 +186,14 @@ def _positive(kind):
     return parse
 
 
+def _gguf_option(parser: argparse.ArgumentParser) -> None:
+    from evomerge.engine.gguf import K_QUANTS, TYPES
+
+    parser.add_argument("--gguf", nargs="+", default=[], metavar="TYPE", type=str.lower,
+                        help=f"also write OUT_DIR/<name>-<TYPE>.gguf for llama.cpp / Ollama: {', '.join(TYPES)} "
+                             f"({', '.join(K_QUANTS[:2])}, ... need llama.cpp's llama-quantize on PATH)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -199,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0, help="seed for random-drop methods (dare, della)")
     merge.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _gguf_option(merge)
     merge.set_defaults(func=_cmd_merge)
 
     exp = sub.add_parser("export", help="write a study's winner (or --trial N) as a Hugging Face checkpoint")
@@ -207,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--trial", type=int, default=None, help="a completed trial's number (default: the winner)")
     exp.add_argument("--device", default="auto")
     exp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _gguf_option(exp)
     exp.set_defaults(func=_cmd_export)
 
     ev = sub.add_parser("eval", help="score a model on GSM8K / MMLU / HumanEval subsets (offline, through lm-eval)")

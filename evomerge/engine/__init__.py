@@ -21,9 +21,13 @@ def merge_to_checkpoint(
     allow_bin: bool = False,
     progress: bool = True,
     card: str = "",
+    gguf: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """`mergekit-yaml` equivalent: merge a recipe and write a Hugging Face checkpoint (`card`: more
-    Markdown for its model card)."""
+    Markdown for its model card; `gguf`: GGUF types to write beside it, checked before merging)."""
+    from evomerge.engine.gguf import check_config, check_types
+
+    gguf = check_types(gguf)
     check_output_dir(out_dir, [locate(ref, allow_bin=allow_bin).path for ref in recipe.referenced_models()])
     engine = MergeEngine(
         recipe.referenced_models(),
@@ -35,5 +39,7 @@ def merge_to_checkpoint(
         delta_cache=False,  # one recipe: caching task vectors would only cost memory
         progress=progress,
     )
+    if gguf:
+        check_config(engine.sources[recipe.base_model or recipe.referenced_models()[0]].config, "the merged model")
     model = engine.materialize(recipe, seed=seed, progress=progress)
-    return save_checkpoint(model, recipe, engine.sources, out_dir, card)
+    return save_checkpoint(model, recipe, engine.sources, out_dir, card, gguf=gguf, progress=progress)

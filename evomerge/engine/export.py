@@ -124,9 +124,12 @@ MERGE_MARKER = "mergekit_config.yml"  # every checkpoint evomerge (or mergekit) 
 
 
 def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path,
-                    card: str = "") -> Path:
-    """Writes the checkpoint into a scratch folder beside OUT_DIR that replaces it only when complete:
-    an interrupted or failed write leaves OUT_DIR as it was."""
+                    card: str = "", gguf: list[str] | tuple[str, ...] = (), progress: bool = True) -> Path:
+    """Writes the checkpoint (and a `<name>-<TYPE>.gguf` for each of `gguf`) into a scratch folder
+    beside OUT_DIR that replaces it only when complete: an interrupted or failed write leaves OUT_DIR
+    as it was."""
+    from evomerge.engine.gguf import gguf_card, write_ggufs
+
     out = check_output_dir(out_dir, [s.path for s in sources.values()])
     with atomic_directory(out) as scratch:
         quantizer = getattr(model, "hf_quantizer", None)
@@ -135,6 +138,7 @@ def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceM
         model.save_pretrained(scratch, safe_serialization=True)
         save_tokenizer(recipe, sources, scratch)
         recipe.save(scratch / MERGE_MARKER)
-        (scratch / "README.md").write_text(model_card(recipe, out.name, card), encoding="utf-8")
+        written = write_ggufs(scratch, list(gguf), out.name, progress=progress) if gguf else []
+        (scratch / "README.md").write_text(model_card(recipe, out.name, card + gguf_card(written)), encoding="utf-8")
     log.info("wrote %s", out)
     return Path(out_dir)

@@ -1,5 +1,5 @@
-"""`evomerge export RESULTS_DIR OUT_DIR [--trial N]`: a finished study's winner (or any completed
-trial) as a Hugging Face checkpoint: exactly what `evomerge merge` writes for the trial's recipe,
+"""`evomerge export RESULTS_DIR OUT_DIR [--trial N] [--gguf TYPE ...]`: a finished study's winner (or
+any completed trial) as a Hugging Face checkpoint (and GGUF files): exactly what `evomerge merge` writes for the trial's recipe,
 with a model card that also holds the trial's search scores, the held-out table (for the winner)
 and the versions that made it."""
 
@@ -53,7 +53,7 @@ def card(folder: Path, record: TrialRecord) -> str:
 
 
 def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = None, device: str = "auto",
-           progress: bool = True) -> Path:
+           progress: bool = True, gguf: list[str] | tuple[str, ...] = ()) -> Path:
     from evomerge.demo.family import resolve_members
     from evomerge.engine import merge_to_checkpoint
 
@@ -63,4 +63,4 @@ def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = 
     recipe = resolve_members(Recipe.from_yaml(record.recipe), device=device, progress=progress)
     log.info("exporting trial %d (%s) to %s", record.number, record.label, out_dir)
     return merge_to_checkpoint(recipe, out_dir, device=device, seed=record.seed or 0, progress=progress,
-                               card=card(folder, record))
+                               card=card(folder, record), gguf=gguf)
