@@ -272,3 +272,33 @@ def test_k_quants_made_by_the_real_llama_quantize_load_in_transformers(smollm2_g
     agreement = (_logits(model, ids).argmax(-1) == reference.argmax(-1)).float().mean().item()
     print(f"q4_k_m: top-1 agreement {agreement:.3f}")
     assert agreement >= 0.75
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_architectures_round_trip_exactly_at_f32(model_type, tmp_path):
+    """Each architecture's names and layout (Qwen2's q/k/v biases, Qwen3's q/k norms, no rotary
+    permutation for either): a random model written at f32 and read back by transformers gives the
+    same logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evomerge.demo.tiny import build_tokenizer
+    from evomerge.engine.gguf import write_gguf
+
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, tie_word_embeddings=False, use_sliding_window=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))  # make biases and norms matter
+    folder = tmp_path / f"tiny-{model_type}"  # transformers reads a GGUF named exactly "mistral" as its own arch
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_gguf(folder, folder / "m.gguf", "f32", progress=False)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file="m.gguf", dtype=torch.float32)
+    assert loaded.config.model_type in ({model_type, "llama"} if model_type == "mistral" else {model_type})
+    torch.testing.assert_close(_logits(loaded.eval(), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
