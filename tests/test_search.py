@@ -237,11 +237,17 @@ def test_search_writes_every_output_and_resumes(tiny_family, tmp_path, monkeypat
         assert found == paired(items["winner"], items[source], heldout["combined_over"], seed=0)
         assert all(f["verdict"] in VERDICTS for f in found.values())
     assert "paired bootstrap interval" in (results / "heldout.md").read_text()
-    # `evomerge report` rewrites the folder from the database and keeps the winner's held-out table.
+    # Every source's search-split scores, scored as trials are: the plots' reference lines.
+    references = summary["sources_search"]
+    assert set(references) == {"base", "math", "code", "know"}
+    for found in references.values():
+        assert set(found["scores"]) == {"gsm8k", "mmlu"} and found["score"] == space.objective(found["scores"])
+    # `evomerge report` rewrites the folder from the database and keeps the held-out table and references.
     from evomerge.search import write_report
 
     again = write_report(summary["storage"], "tiny", tmp_path / "results")
     assert again["heldout"] == summary["heldout"] and again["heldout"]["trial"] == summary["best"]["trial"]
+    assert again["sources_search"] == references
     # The same command again: nothing to run, held-out scores from the cache (no model is built).
     from evomerge.engine import MergeEngine
 
@@ -254,6 +260,7 @@ def test_search_writes_every_output_and_resumes(tiny_family, tmp_path, monkeypat
         rerun = run_search(space, progress=False)
     assert rerun["heldout"]["rows"] == summary["heldout"]["rows"]
     assert rerun["heldout"]["comparisons"] == summary["heldout"]["comparisons"]
+    assert rerun["sources_search"] == references
     # Every completed trial can be re-run from its record alone.
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{results / 'study.db'}")
     record = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)

@@ -93,3 +93,26 @@ def test_a_greedy_soup_joins_the_searchs_study_and_leaderboard(tiny_family, tmp_
     assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{results / 'study.db'}").trials) == 9
     summary = json.loads((results / "summary.json").read_text())
     assert summary["trials"]["COMPLETE"] + summary["trials"]["PRUNED"] == 9
+
+
+def test_the_plots_reference_lines_are_the_scores_trials_give_the_same_models(tiny_family, tmp_path, monkeypatch):
+    """A greedy soup over `linear` first scores each source alone, as a trial; the reference scores
+    drawn on the history and per-task plots are computed apart (cached, item by item) and must be
+    those very scores."""
+    from evomerge.search import run_search
+    from evomerge.search.heldout import source_search_scores
+    from evomerge.search.runner import Searcher
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["linear"], sampler="greedy_soup"))
+    run_search(space, heldout=False, progress=False)
+    searcher = Searcher(space, results_root=tmp_path / "results", progress=False)
+    searcher.load()
+    references = source_search_scores(space, lambda: (searcher.engine, searcher.evaluator.tokenizer), device="cpu")
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'results' / 'tiny' / 'study.db'}")
+    alone = {name: t for t in study.trials for name in ("math", "code", "know")
+             if sum(t.params.values()) == 1 and t.params[PARAM + name] == 1}
+    assert set(alone) == {"math", "code", "know"}
+    for name, t in alone.items():
+        assert references[name]["scores"] == t.user_attrs["scores"], name
+        assert references[name]["score"] == t.value, name

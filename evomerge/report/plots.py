@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -24,10 +25,20 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def history(study: optuna.Study, path: Path) -> None:
-    """Every trial's score, coloured by method, with the best so far; pruned and failed trials marked."""
+def _reference_lines(ax, values: dict[str, float], names: list[str]) -> None:
+    """Each source model's search-split score as a dashed horizontal line, named in the legend (best
+    first); a source keeps its colour from plot to plot."""
+    styles = plt.get_cmap("Dark2")
+    for name, value in sorted(values.items(), key=lambda kv: -kv[1]):
+        ax.axhline(value, color=styles(names.index(name) % 8), linestyle="--", linewidth=0.9, alpha=0.8,
+                   label=f"source: {name}")
+
+
+def history(study: optuna.Study, path: Path, references: dict[str, Any] | None = None) -> None:
+    """Every trial's score, coloured by method, with the best so far; pruned and failed trials
+    marked; each source model's score on the same split as a dashed line."""
     trials = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     methods = sorted({t.label for t in trials})
     colours = plt.get_cmap("tab10")
     for i, method in enumerate(methods):
@@ -51,21 +62,28 @@ def history(study: optuna.Study, path: Path) -> None:
         line.append((t.number, best))
     if line:
         ax.step([x for x, _ in line], [y for _, y in line], where="post", color="black", linewidth=1.2, label="best so far")
+    _reference_lines(ax, {name: r["score"] for name, r in (references or {}).items() if "score" in r},
+                     list(references or {}))
     ax.set_xlabel("trial")
     ax.set_ylabel("score (higher is better)")
     ax.set_title(f"{study.study_name}: optimisation history")
     if ax.has_data():
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
 
 
-def task_scores(study: optuna.Study, tasks: list[str], path: Path) -> None:
+def task_scores(study: optuna.Study, tasks: list[str], path: Path, references: dict[str, Any] | None = None) -> None:
+    """Each task's score over the completed trials, with each source model's as a dashed line."""
     records = map(TrialRecord.of, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     trials = sorted((r for r in records if r.scores), key=lambda r: r.number)
     fig, axes = plt.subplots(len(tasks), 1, figsize=(8, 2.4 * len(tasks)), sharex=True, squeeze=False)
     for ax, task in zip(axes[:, 0], tasks):
         ax.plot([t.number for t in trials], [t.scores.get(task, math.nan) for t in trials],
-                marker="o", markersize=3, linewidth=0.8)
+                marker="o", markersize=3, linewidth=0.8, color="black", label="trials")
+        _reference_lines(ax, {name: r["scores"][task] for name, r in (references or {}).items()
+                              if task in r.get("scores", {})}, list(references or {}))
+        if references:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.set_ylabel(task)
     axes[-1, 0].set_xlabel("trial")
     axes[0, 0].set_title(f"{study.study_name}: per-task scores of completed trials")

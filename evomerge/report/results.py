@@ -61,9 +61,10 @@ def ranked(study: optuna.Study) -> list[TrialRecord]:
 
 def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[str],
                   heldout: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                  rename: dict[str, str] | None = None) -> dict[str, Any]:
-    """Writes everything but the held-out evaluation (passed in when it was run). `rename` maps model
-    paths to the names recipes are written with (the demo family's members)."""
+                  references: dict[str, Any] | None = None, rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """Writes everything but the held-out evaluation (passed in when it was run). `references`: the
+    sources' search-split scores, drawn as reference lines. `rename` maps model paths to the names
+    recipes are written with (the demo family's members)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
@@ -71,8 +72,8 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
     if best is not None:
         Recipe.from_yaml(best.recipe).with_models(rename or {}).save(results_dir / "best.yaml")
     _leaderboard(study, results_dir, task_names, rename or {})
-    plots.history(study, results_dir / "history.png")
-    plots.task_scores(study, task_names, results_dir / "tasks.png")
+    plots.history(study, results_dir / "history.png", references=references)
+    plots.task_scores(study, task_names, results_dir / "tasks.png", references=references)
     plots.importances(study, results_dir / "importances.png")
     if len(study.directions) > 1:
         plots.pareto(study, task_names, results_dir / "pareto.png")
@@ -87,6 +88,7 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
         "pruning": pruning_savings(study),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
+        **({"sources_search": references} if references else {}),
         **(extra or {}),
     }
     if heldout is not None:

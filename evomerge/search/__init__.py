@@ -25,7 +25,7 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluation.sandbox import describe, require_isolation
 from evomerge.recipe import Recipe
 from evomerge.search import storage as store
-from evomerge.search.heldout import evaluate_heldout
+from evomerge.search.heldout import evaluate_heldout, source_search_scores
 from evomerge.search.runner import Searcher
 from evomerge.search.space import SearchSpace
 from evomerge.trials import STUDY_SPACE, study_task_names
@@ -95,19 +95,21 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
 
     best = best_trial(study)
     device = str(resolve_device(searcher.device))
-    held = None
+    held = references = None
     if heldout and best is not None:
         def load():
             if searcher.engine is None:
                 searcher.load()
             return searcher.engine, searcher.evaluator.tokenizer
 
+        log.info("scoring the source models on the search split (the plots' reference lines)")
+        references = source_search_scores(searcher.space, load, device=device)
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
         held = evaluate_heldout(searcher.space, load, Recipe.from_yaml(best.recipe),
                                 device=device) | {"trial": best.number}
     extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=device)}
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
-                         extra=extra, rename=searcher.space.portable_refs)
+                         references=references, extra=extra, rename=searcher.space.portable_refs)
 
 
 def run_search(space: SearchSpace, **options: Any) -> dict[str, Any]:
@@ -189,9 +191,11 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
         held = held if held and best and held.get("trial") == best.number else None
         previous = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
         extra = {"storage": store.shown(storage)}
-        if previous.get("study") == study_name and previous.get("reproduce"):  # the search's own record stays
+        same = previous.get("study") == study_name  # the search's own record and reference scores stay
+        if same and previous.get("reproduce"):
             extra["reproduce"] = previous["reproduce"]
         return write_results(study, folder, task_names=study_task_names(study), heldout=held, extra=extra,
+                             references=previous.get("sources_search") if same else None,
                              rename=_portable_refs(study))
     searcher = Searcher(heldout_space, storage=storage, study_name=study_name, results_root=results_root)
     searcher.open_study()  # refuses a space other than the study's

@@ -1,8 +1,9 @@
-"""Held-out scoring: the winner and every source model, on the split the search never saw.
+"""Scoring outside the trial loop: the winner and every source on the split the search never saw,
+and every source on the search split (the reference lines of the history and per-task plots).
 
-Each model is scored item by item; the winner is compared with each source on the same items
-(paired differences with bootstrap intervals, `evomerge.report.stats`). Scores are cached by
-what determines them (the recipe with its sources' weight hashes, the held-out entries, seed,
+Each model is scored item by item; the winner is compared with each source on the same held-out
+items (paired differences with bootstrap intervals, `evomerge.report.stats`). Scores are cached by
+what determines them (the recipe with its sources' weight hashes, the split and its entries, seed,
 dtype, batch size, device, task definitions and versions), so re-running a finished study's
 command re-scores nothing.
 """
@@ -42,8 +43,8 @@ def _tasks_digest() -> str:
     return digest.hexdigest()
 
 
-def cache_key(space: SearchSpace, recipe: Recipe, device: str) -> str:
-    """What a model's held-out scores depend on; the same key, the same scores."""
+def cache_key(space: SearchSpace, recipe: Recipe, device: str, split: str = "heldout") -> str:
+    """What a model's scores on a split depend on; the same key, the same scores."""
     import lm_eval
     import torch
     import transformers
@@ -53,7 +54,8 @@ def cache_key(space: SearchSpace, recipe: Recipe, device: str) -> str:
 
     weights = recipe.with_models({ref: weights_sha256(ref) for ref in recipe.referenced_models()})
     config = space.config
-    key = {"recipe": weights.to_yaml(), "entries": [e.model_dump(mode="json") for e in space.heldout_entries()],
+    entries = space.heldout_entries() if split == "heldout" else space.config.tasks
+    key = {"recipe": weights.to_yaml(), **({"split": split} if split != "heldout" else {}), "entries": [e.model_dump(mode="json") for e in entries],
            "seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size, "device": device,
            "tasks": _tasks_digest(), "versions": [__version__, lm_eval.__version__, torch.__version__,
                                                   transformers.__version__]}
@@ -64,45 +66,71 @@ def _cache_file(key: str):
     return cache_dir() / "heldout" / f"{key}.json"
 
 
-def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], best_recipe: Recipe, *,
-                     device: str) -> dict[str, Any]:
-    """Scores the winner and every source (item by item; cached), and compares the winner with each
-    source on the same items. `load()` gives (engine, tokenizer), called only when a score is missing."""
-    entries = space.heldout_entries()
+def score_models(space: SearchSpace, load: Callable[[], tuple[Any, Any]], candidates: dict[str, Recipe], *,
+                 split: str, device: str) -> dict[str, dict[str, Any]]:
+    """{name: {"scores": {column: value}, "items": {column: [per-item score]}}} for each candidate on
+    `split` (columns "task/metric"), from the cache where it has them. `load()` gives (engine,
+    tokenizer), called only when a score is missing."""
+    entries = space.heldout_entries() if split == "heldout" else space.config.tasks
     by_metric: dict[str, list] = {}
     for entry in entries:
         by_metric.setdefault(entry.metric, []).append(entry)
-    columns = [f"{e.task}/{e.metric}" for e in entries]
+    evaluators: dict[str, Evaluator] = {}
+    found: dict[str, dict[str, Any]] = {}
+    for name, recipe in candidates.items():
+        file = _cache_file(cache_key(space, recipe, device, split))
+        if file.is_file():
+            found[name] = json.loads(file.read_text())
+            log.info("%s %s: cached", split, name)
+            continue
+        engine, tokenizer = load()
+        if not evaluators:
+            evaluators.update({metric: Evaluator(space.task_requests(group), tokenizer, split=split,
+                                                 seed=space.config.seed, batch_size=space.config.batch_size)
+                               for metric, group in by_metric.items()})
+        model = engine.materialize(recipe, seed=space.config.seed)
+        scored: dict[str, Any] = {"scores": {}, "items": {}}
+        for metric, evaluator in evaluators.items():
+            result = evaluator.evaluate(model, per_item=True)
+            for task, value in result.scores.items():
+                scored["scores"][f"{task}/{metric}"] = value
+                scored["items"][f"{task}/{metric}"] = result.per_item[task]
+        atomic_write_text(file, json.dumps(scored))  # never half a cache entry
+        found[name] = scored
+        log.info("%s %s: %s", split, name, ", ".join(f"{k}={v:.4f}" for k, v in scored["scores"].items()))
+    return found
+
+
+def source_search_scores(space: SearchSpace, load: Callable[[], tuple[Any, Any]], *,
+                         device: str) -> dict[str, dict[str, Any]]:
+    """Every source on the search split, scored as a trial is: {name: {"scores": {task: value},
+    "score": the trial objective}} (no "score" under objective: multi, whose trials have several)."""
+    found = score_models(space, load, source_recipes(space), split="search", device=device)
+    metric = {t.task: t.metric for t in space.config.tasks}
+    references = {}
+    for name, scored in found.items():
+        scores = {task: scored["scores"][f"{task}/{metric[task]}"] for task in metric}
+        value = space.objective(scores)
+        references[name] = {"scores": scores, **({"score": value} if isinstance(value, float) else {})}
+    return references
+
+
+def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], best_recipe: Recipe, *,
+                     device: str) -> dict[str, Any]:
+    """Scores the winner and every source (item by item; cached), and compares the winner with each
+    source on the same items."""
+    columns = [f"{e.task}/{e.metric}" for e in space.heldout_entries()]
     groups = {metric: [c for c in columns if c.endswith("/" + metric)] for metric in METRICS}
     groups = {metric: cols for metric, cols in groups.items() if cols}
     candidates = {"winner": best_recipe, **source_recipes(space)}
-    evaluators: dict[str, Evaluator] = {}
+    found = score_models(space, load, candidates, split="heldout", device=device)
     rows: dict[str, Any] = {}
     items: dict[str, dict[str, list[float]]] = {}
-    for name, recipe in candidates.items():
-        file = _cache_file(cache_key(space, recipe, device))
-        if file.is_file():
-            cached = json.loads(file.read_text())
-            log.info("held-out %s: cached", name)
-        else:
-            engine, tokenizer = load()
-            if not evaluators:
-                evaluators.update({metric: Evaluator(space.task_requests(group), tokenizer, split="heldout",
-                                                     seed=space.config.seed, batch_size=space.config.batch_size)
-                                   for metric, group in by_metric.items()})
-            model = engine.materialize(recipe, seed=space.config.seed)
-            cached = {"scores": {}, "items": {}}
-            for metric, evaluator in evaluators.items():
-                result = evaluator.evaluate(model, per_item=True)
-                for task, value in result.scores.items():
-                    cached["scores"][f"{task}/{metric}"] = value
-                    cached["items"][f"{task}/{metric}"] = result.per_item[task]
-            atomic_write_text(file, json.dumps(cached))  # never half a cache entry
-        scores = cached["scores"]
+    for name, scored in found.items():
+        scores = scored["scores"]
         combined = {metric: sum(scores[c] for c in cols) / len(cols) for metric, cols in groups.items()}
         rows[name] = {"scores": scores, "combined": combined}
-        items[name] = cached["items"]
-        log.info("held-out %s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        items[name] = scored["items"]
     comparisons = {name: paired(items["winner"], items[name], groups, seed=space.config.seed)
                    for name in candidates if name != "winner"}
     better = {metric: all(c[metric]["verdict"] == "better" for c in comparisons.values()) for metric in groups}
