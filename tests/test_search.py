@@ -771,3 +771,33 @@ def test_export_writes_exactly_what_merge_writes_with_the_search_in_its_card(tin
     assert "## Held-out scores" not in (tmp_path / "other" / "README.md").read_text()
     assert main(["export", str(results), str(tmp_path / "none"), "--trial", "99", "-q"]) == 2
     assert "--trial: study 'tiny' has no trial 99" in capsys.readouterr().err
+
+
+def test_a_study_resumes_wherever_its_models_are_named_alike_and_refuses_another_space(tiny_family, tmp_path,
+                                                                                      monkeypatch):
+    """The study records what is searched; models are named as the space names them, so a study
+    whose `~/…` models (or demo-family members) sit elsewhere on this machine resumes, and one
+    recorded by absolute paths (studies made before) still does; a changed space is refused."""
+    import shutil
+
+    from evomerge.search.runner import Searcher, space_fingerprint
+    from evomerge.trials import STUDY_FINGERPRINT
+
+    for home in ("home1", "home2"):
+        for name in ("base", "ft_math", "ft_code", "ft_knowledge"):
+            shutil.copytree(tiny_family[name], tmp_path / home / "family" / name)
+    family = {name: f"~/family/{name}" for name in ("base", "ft_math", "ft_code", "ft_knowledge")}
+    space = _space(family, tmp_path, n_trials=2)
+    monkeypatch.setenv("HOME", str(tmp_path / "home1"))
+    run_search(SearchSpace.from_dict(space), heldout=False, progress=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home2"))  # the same space, its models in another home
+    summary = run_search(SearchSpace.from_dict({**space, "n_trials": 3}), heldout=False, progress=False)
+    assert summary["this_run"]["trials"] == 1
+    moved = SearchSpace.from_dict({**space, "n_trials": 3})
+    searcher = Searcher(moved, progress=False)
+    study = searcher.open_study()
+    study.set_user_attr(STUDY_FINGERPRINT, space_fingerprint(moved, by_path=True))  # as studies made before recorded
+    searcher.open_study()
+    assert searcher.open_study().user_attrs[STUDY_FINGERPRINT] == space_fingerprint(moved)  # recorded anew
+    with pytest.raises(SpaceError, match="study 'tiny' in .* was created from a different search space"):
+        Searcher(SearchSpace.from_dict({**space, "methods": ["ties"]}), progress=False).open_study()

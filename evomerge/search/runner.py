@@ -78,10 +78,18 @@ class SearchOutcome:
     stopped: str | None = None  # why the search stopped before its budget (consecutive failures)
 
 
-def space_fingerprint(space: SearchSpace) -> str:
-    """What must not change when a study is resumed: what is searched and how it is scored."""
+def space_fingerprint(space: SearchSpace, *, by_path: bool = False) -> str:
+    """What must not change when a study is resumed: what is searched and how it is scored. Models
+    are named as the space names them (demo-family members by name, `~/…` unexpanded), so a study
+    resumes on another machine or with another cache folder; `by_path`: the absolute paths, which
+    studies made before that recorded."""
     c = space.config
-    relevant = {"models": space.models, "base": space.base, "methods": space.methods,
+
+    def named(path: str | None) -> str | None:
+        return path if by_path or path is None else space.portable_refs.get(path, path)
+
+    relevant = {"models": {name: named(path) for name, path in space.models.items()}, "base": named(space.base),
+                "methods": space.methods,
                 "parameters": {k: v.model_dump() for k, v in c.parameters.items()},
                 "layer_schedule": c.layer_schedule, "filters": c.filters,
                 "stacking": c.stacking.model_dump() if c.stacking else None,
@@ -128,11 +136,13 @@ class Searcher:
             study.set_user_attr(record.STUDY_FINGERPRINT, fingerprint)
             study.set_user_attr(record.STUDY_SPACE, self.space.config.model_dump(mode="json"))
             study.set_user_attr(record.STUDY_MODELS, self.space.models)
-        elif existing != fingerprint:
+        elif existing not in (fingerprint, space_fingerprint(self.space, by_path=True)):
             raise SpaceError(
                 f"study '{self.study_name}' in {store.shown(self.storage_url)} was created from a different search space "
                 f"(models, methods, tasks or seed changed); use another --study-name or results folder"
             )
+        elif existing != fingerprint:  # recorded by path, before: recorded as the space names its models now
+            study.set_user_attr(record.STUDY_FINGERPRINT, fingerprint)
         return study
 
     def load(self) -> None:
