@@ -6,8 +6,9 @@ In one run:
      and write throughput against this machine's memory bandwidth (a numpy copy of the same bytes);
   3. each file loaded back by transformers (`gguf_file=`): top-1 agreement of next-token predictions
      with the checkpoint, and the relative logit error, on held-out GSM8K / MMLU / HumanEval prompts;
-  4. with llama-cpp-python installed: llama.cpp's greedy generation from each file against
-     transformers' from the checkpoint (tokens equal up to the first difference).
+  4. with llama-cpp-python installed: llama.cpp's greedy generation from each file (64 prompt
+     tokens, up to --generate new ones or the end of turn) against transformers' from the
+     checkpoint: tokens equal up to the first difference, summed over the prompts.
 
 Usage: python benchmarks/gguf_export.py [RESULTS_DIR] [--types f16 q8_0 ...]   (prints Markdown)
 """
@@ -79,11 +80,12 @@ def main() -> None:
         except ImportError:
             llama_cpp = None
         greedy = {}
+        eos = tokenizer.eos_token_id
         if llama_cpp is not None:
             for text, ids in zip(texts, batches):
                 head = ids[:, :64]
-                greedy[text] = reference.generate(head, max_new_tokens=args.generate, do_sample=False,
-                                                  min_new_tokens=args.generate)[0, head.shape[1]:].tolist()
+                out = reference.generate(head, max_new_tokens=args.generate, do_sample=False)[0, head.shape[1]:].tolist()
+                greedy[text] = out[:out.index(eos) + 1] if eos in out else out  # up to the end of turn
         rows = []
         f16 = None
         for kind in types:
@@ -111,9 +113,9 @@ def main() -> None:
                 matched = generated = 0
                 for text, ids in zip(texts, batches):
                     out = []
-                    for token in llm.generate(ids[0, :64].tolist(), top_k=1, temp=0.0):
+                    for token in llm.generate(ids[0, :64].tolist(), top_k=1, temp=0.0, reset=True):
                         out.append(token)
-                        if len(out) == args.generate:
+                        if len(out) == args.generate or token == eos:
                             break
                     want = greedy[text]
                     prefix = next((i for i, (a, b) in enumerate(zip(out, want)) if a != b), min(len(out), len(want)))

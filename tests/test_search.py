@@ -769,6 +769,11 @@ def test_export_writes_exactly_what_merge_writes_with_the_search_in_its_card(tin
     other = next(n for n in range(4) if n != summary["best"]["trial"])
     assert main(["export", str(results), str(tmp_path / "other"), "--trial", str(other), "--device", "cpu", "-q"]) == 0
     assert "## Held-out scores" not in (tmp_path / "other" / "README.md").read_text()
+    # --gguf: the same checkpoint, with GGUF files beside it listed in the card
+    assert main(["export", str(results), str(tmp_path / "gguf"), "--device", "cpu", "-q", "--gguf", "q8_0"]) == 0
+    assert load_file(tmp_path / "gguf" / "model.safetensors").keys() == a.keys()
+    assert (tmp_path / "gguf" / "gguf-Q8_0.gguf").is_file()
+    assert "`gguf-Q8_0.gguf`" in (tmp_path / "gguf" / "README.md").read_text()
     assert main(["export", str(results), str(tmp_path / "none"), "--trial", "99", "-q"]) == 2
     assert "--trial: study 'tiny' has no trial 99" in capsys.readouterr().err
 
