@@ -23,7 +23,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.engine import merge_to_checkpoint
     from evomerge.recipe import Recipe
 
-    recipe = resolve_members(Recipe.load(args.recipe), device=args.device, progress=not args.quiet)
+    recipe = resolve_members(Recipe.load(args.recipe, strict=args.strict), device=args.device,
+                             progress=not args.quiet)
     for unknown in recipe.unknown_parameters():
         log.warning("%s: not a parameter of %s; ignored (as mergekit does)", unknown, recipe.merge_method)
     out = merge_to_checkpoint(
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     merge.add_argument("--seed", type=int, default=0, help="seed for random-drop methods (dare, della)")
     merge.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
+    merge.add_argument("--strict", action="store_true",
+                       help="refuse keys and parameters mergekit would silently ignore (default: warn and drop them)")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _gguf_option(merge)
     merge.set_defaults(func=_cmd_merge)

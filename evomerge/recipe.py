@@ -13,6 +13,7 @@ Precedence (highest first): the source's own parameters, the slice's, the recipe
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -26,6 +27,23 @@ from evomerge.errors import RecipeError
 from evomerge.methods import registry
 
 Scalar = Union[bool, int, float, str]
+log = logging.getLogger(__name__)
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+
+def chat_template_names() -> list[str]:
+    """The named chat templates a recipe may give (`chat_template: chatml`), as mergekit names them."""
+    return sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja"))
+
+
+def chat_template_text(value: Optional[str]) -> Optional[str]:
+    """The Jinja text a recipe's `chat_template` stands for: a named template's file, or the text
+    itself; None for none and for 'auto' (chosen from the sources when the checkpoint is written)."""
+    if value is None or value == "auto":
+        return None
+    if "{" not in value and "\n" not in value and (CHAT_TEMPLATES / f"{value}.jinja").is_file():
+        return (CHAT_TEMPLATES / f"{value}.jinja").read_text(encoding="utf-8")
+    return value
 
 
 # --------------------------------------------------------------------------- settings
@@ -190,6 +208,16 @@ class Recipe(_Strict):
             raise ValueError(f"unknown merge method {value!r}; known: {', '.join(known)}")
         return value
 
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: Optional[str]) -> Optional[str]:
+        if value is None or value == "auto" or "{" in value and len(value) >= 20:
+            return value
+        if "{" not in value and "\n" not in value and value in chat_template_names():
+            return value
+        raise ValueError(f"unknown chat template {value!r}: name one of {', '.join(chat_template_names())}, "
+                         "give the Jinja text, or 'auto' (the sources' most common)")
+
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, value: Optional[str]) -> Optional[str]:
@@ -275,7 +303,9 @@ class Recipe(_Strict):
     # ----------------------------------------------------------------- YAML
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: Any, *, source: str = "recipe", strict: bool = False) -> "Recipe":
+        """A validated recipe. Keys mergekit does not know (it ignores them silently: a misplaced
+        `int8_mask`, a typo) are dropped with a warning naming each, or refused when `strict`."""
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
         if "modules" in data:
@@ -291,26 +321,41 @@ class Recipe(_Strict):
             if "source" in tokenizer:
                 data["tokenizer_source"] = tokenizer["source"]
         try:
-            return cls.model_validate(data)
+            recipe = cls.model_validate(data)
         except ValidationError as exc:
-            raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+            extra = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+            if strict or len(extra) < len(exc.errors()):
+                raise RecipeError(f"{source}: {format_validation_error(exc)}"
+                                  + (" (mergekit would ignore it; without --strict it is dropped with a warning)"
+                                     if strict and extra else "")) from None
+            try:
+                recipe = cls.model_validate(_without(data, extra))
+            except ValidationError:  # not a recipe even without them: the unknown keys are the likely cause
+                raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+            for location in extra:
+                log.warning("%s: %s: not a mergekit setting; ignored, as mergekit ignores it (--strict refuses it)",
+                            source, ".".join(map(str, location)))
+        if strict and recipe.unknown_parameters():
+            raise RecipeError(f"{source}: {recipe.unknown_parameters()[0]}: not a parameter of {recipe.merge_method} "
+                              "(mergekit would ignore it; without --strict it is dropped with a warning)")
+        return recipe
 
     @classmethod
-    def from_yaml(cls, text: str, *, source: str = "recipe") -> "Recipe":
+    def from_yaml(cls, text: str, *, source: str = "recipe", strict: bool = False) -> "Recipe":
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise RecipeError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
-        return cls.from_dict(data, source=source)
+        return cls.from_dict(data, source=source, strict=strict)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Recipe":
+    def load(cls, path: str | os.PathLike, *, strict: bool = False) -> "Recipe":
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
-        return cls.from_yaml(text, source=str(path))
+        return cls.from_yaml(text, source=str(path), strict=strict)
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(exclude_none=True, mode="json")
@@ -327,6 +372,19 @@ class Recipe(_Strict):
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+
+def _without(data: Any, locations: list[tuple]) -> Any:
+    """A copy of `data` without the keys at `locations` (paths of keys and list indices)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for location in locations:
+        holder = data
+        for step in location[:-1]:
+            holder = holder[step]
+        holder.pop(location[-1], None)
+    return data
 
 
 class _RecipeDumper(yaml.SafeDumper):

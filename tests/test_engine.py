@@ -235,8 +235,14 @@ def _bad_sources(family: dict[str, str], tmp: Path) -> dict[str, str]:
         shutil.copytree(family["ft_math"], folder)
         (folder / "model.safetensors").write_bytes(payload)
         corrupt[name] = str(folder)
+    other_vocab = tmp / "other_vocab"  # the same weights, one token renamed: another vocabulary
+    shutil.copytree(family["ft_math"], other_vocab)
+    spec = json.loads((other_vocab / "tokenizer.json").read_text())
+    token = next(t for t in spec["model"]["vocab"] if t.isalpha() and len(t) > 2)
+    spec["model"]["vocab"]["zzz" + token] = spec["model"]["vocab"].pop(token)
+    (other_vocab / "tokenizer.json").write_text(json.dumps(spec))
     return {"truncated": str(truncated), "wide": str(wide), "mistral": str(mistral), "pickled": str(pickled),
-            "missing": str(missing), **corrupt}
+            "missing": str(missing), "other_vocab": str(other_vocab), **corrupt}
 
 
 def _header(header) -> bytes:
@@ -274,6 +280,12 @@ BAD_RECIPES = [
      "model.safetensors is not a valid safetensors file: its header is a JSON list, not an object"),
     ("no_offsets", "merge_method: linear\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {no_offsets}, parameters: {{weight: 1}}}}]\n",
      "tensor 'model.embed_tokens.weight' has no valid data_offsets"),
+    ("union_vocab", "merge_method: linear\ntokenizer_source: union\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {other_vocab}, parameters: {{weight: 1}}}}]\n",
+     "tokenizer_source: 'union' needs token surgery"),
+    ("outside_vocab", "merge_method: linear\ntokenizer_source: {other_vocab}\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {math}, parameters: {{weight: 1}}}}]\n",
+     "is not one of the recipe's models and its vocabulary differs from theirs"),
+    ("chat_template", "merge_method: linear\nchat_template: chatlm\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}]\n",
+     "chat_template: unknown chat template 'chatlm'"),
 ]
 
 
@@ -291,6 +303,44 @@ def test_bad_input_is_one_line_naming_the_culprit(case, template, message, tiny_
     assert len(err) == 1 and err[0].startswith("evomerge: error: "), err
     assert message in err[0]
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_tokenizer_settings_are_refused_before_the_merge_runs(tiny_family, bad_sources, tmp_path, monkeypatch, capsys):
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the merge ran before the tokenizer setting was refused")
+
+    monkeypatch.setattr(MergeEngine, "materialize", no_merge)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BAD_RECIPES[-2][1].format(base=tiny_family["base"], math=tiny_family["ft_math"], **bad_sources))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--device", "cpu", "-q"]) == 2
+    assert "its vocabulary differs" in capsys.readouterr().err
+
+
+def test_a_tokenizer_from_outside_the_recipe_and_a_named_template_as_mergekit_writes_them(tiny_family, tmp_path):
+    """`tokenizer_source` naming a model the recipe does not merge (same vocabulary) lends its
+    tokenizer; `chat_template: chatml` gives the checkpoint a template that renders every
+    conversation as mergekit's output checkpoint does."""
+    from transformers import AutoTokenizer
+
+    mergekit_merge = oracle("mergekit.merge")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    recipe = {"merge_method": "linear", "tokenizer_source": tiny_family["ft_knowledge"], "chat_template": "chatml",
+              "models": [{"model": tiny_family["base"], "parameters": {"weight": 1}},
+                         {"model": tiny_family["ft_math"], "parameters": {"weight": 1}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "ours"), "--device", "cpu", "-q"]) == 0
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "theirs"),
+                             MergeOptions(quiet=True, copy_tokenizer=True, write_model_card=False))
+    ours, theirs = (AutoTokenizer.from_pretrained(tmp_path / name) for name in ("ours", "theirs"))
+    assert ours.get_vocab() == theirs.get_vocab() == AutoTokenizer.from_pretrained(tiny_family["ft_knowledge"]).get_vocab()
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+                    {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3 + 3?"}]
+    for prompt in (False, True):
+        assert ours.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt) == \
+            theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt)
 
 
 def _fingerprint(folder: Path) -> dict[str, bytes]:

@@ -219,3 +219,73 @@ def test_tokenizer_block_maps_to_tokenizer_source():
     assert recipe.tokenizer_source == "base"
     with pytest.raises(RecipeError, match="token surgery"):
         Recipe.from_dict({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"source": "union", "tokens": {}}})
+
+
+def test_keys_mergekit_ignores_are_dropped_with_a_warning_or_refused_with_strict(caplog):
+    """mergekit silently ignores keys it does not know (a top-level `int8_mask` that belongs under
+    `parameters`, a typo): evomerge names each, and `strict` refuses them and unknown parameters."""
+    data = {"merge_method": "ties", "base_model": "b", "int8_mask": True,
+            "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}, "note": "x"}]}
+    with caplog.at_level("WARNING", logger="evomerge.recipe"):
+        recipe = Recipe.from_dict(data, source="r.yaml")
+    assert recipe == Recipe.from_dict({**{k: v for k, v in data.items() if k != "int8_mask"},
+                                       "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}]})
+    warned = [r.getMessage() for r in caplog.records]
+    assert "r.yaml: int8_mask: not a mergekit setting; ignored, as mergekit ignores it (--strict refuses it)" in warned
+    assert any(w.startswith("r.yaml: models.0.note: not a mergekit setting") for w in warned)
+    with pytest.raises(RecipeError, match=r"^r.yaml: models.0.note: unknown field; int8_mask: unknown field \(mergekit "
+                                          r"would ignore it; without --strict it is dropped with a warning\)"):
+        Recipe.from_dict(data, source="r.yaml", strict=True)
+    typo = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"wieght": 1}}]}
+    assert Recipe.from_dict(typo).unknown_parameters() == ["models.0.parameters.wieght"]
+    with pytest.raises(RecipeError, match=r"models.0.parameters.wieght: not a parameter of ties"):
+        Recipe.from_dict(typo, strict=True)
+
+
+def test_named_chat_templates_and_their_errors():
+    from evomerge.recipe import chat_template_names, chat_template_text
+
+    assert chat_template_names() == ["alpaca", "chatml", "exaone", "llama3", "mistral"]
+    recipe = Recipe.from_dict({"merge_method": "linear", "models": [{"model": "a"}], "chat_template": "chatml"})
+    assert "<|im_start|>" in chat_template_text(recipe.chat_template)
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert chat_template_text(jinja) == jinja and chat_template_text("auto") is None
+    with pytest.raises(RecipeError, match=r"chat_template: unknown chat template 'chatlm': name one of alpaca, chatml"):
+        Recipe.from_dict({"merge_method": "linear", "models": [{"model": "a"}], "chat_template": "chatlm"})
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": " Sum 2+2 "}],
+    [{"role": "system", "content": " s1 "}, {"role": "user", "content": "q"}, {"role": "user_context", "content": " c\n"},
+     {"role": "assistant", "content": "a "}, {"role": "system", "content": "s2"}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    [{"role": "assistant", "content": "first"}],
+    [{"role": "system", "content": "only"}],
+]
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "exaone", "llama3", "mistral"])
+def test_named_chat_templates_render_as_mergekits(name):
+    """evomerge's own templates, written for it, render every conversation (and raise on the same
+    bad ones) exactly as mergekit's files of the same name."""
+    import importlib.resources
+
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from evomerge.recipe import chat_template_text
+    from tests.conftest import oracle
+
+    theirs = importlib.resources.files(oracle("mergekit._data.chat_templates")).joinpath(f"{name}.jinja").read_text()
+
+    def render(text, messages, prompt):
+        try:
+            return _compile_jinja_template(text).render(messages=messages, add_generation_prompt=prompt,
+                                                        bos_token="<s>", eos_token="</s>")
+        except Exception as exc:  # the templates' own raise_exception
+            return f"raised: {exc}"
+
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            assert render(chat_template_text(name), messages, prompt) == render(theirs, messages, prompt), messages

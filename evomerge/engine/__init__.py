@@ -6,7 +6,7 @@ from pathlib import Path
 
 from evomerge.engine.engine import MergeEngine, MergeStats
 from evomerge.checkpoint import locate
-from evomerge.engine.export import check_output_dir, save_checkpoint
+from evomerge.engine.export import check_output_dir, save_checkpoint, tokenizer_donor
 from evomerge.recipe import Recipe
 
 __all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "save_checkpoint"]
@@ -39,6 +39,7 @@ def merge_to_checkpoint(
         delta_cache=False,  # one recipe: caching task vectors would only cost memory
         progress=progress,
     )
+    tokenizer_donor(recipe, engine.sources)  # a tokenizer setting that cannot be honoured fails before the merge
     if gguf:
         check_config(engine.sources[recipe.base_model or recipe.referenced_models()[0]].config, "the merged model")
     model = engine.materialize(recipe, seed=seed, progress=progress)

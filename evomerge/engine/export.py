@@ -3,6 +3,7 @@ model card embedding the recipe (plus mergekit_config.yml, so the folder reads l
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections import Counter
@@ -14,33 +15,46 @@ from evomerge import __version__
 from evomerge.checkpoint import TOKENIZER_FILES, SourceModel
 from evomerge.errors import CheckpointError, OutputError, RecipeError
 from evomerge.paths import atomic_directory
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, chat_template_text
 
 log = logging.getLogger(__name__)
 
 
 def tokenizer_donor(recipe: Recipe, sources: dict[str, SourceModel]) -> SourceModel:
+    """The model whose tokenizer the checkpoint gets. Checked before any merge runs, so a refusal
+    never comes after the work."""
     choice = recipe.tokenizer_source
-    default = recipe.base_model or recipe.referenced_models()[0]
+    default = sources[recipe.base_model or recipe.referenced_models()[0]]
     if choice in (None, "base"):
-        return sources[default]
+        return default
     if choice == "union":
         vocabularies = {ref: _vocab_signature(src) for ref, src in sources.items()}
         if len(set(vocabularies.values())) > 1:
             raise RecipeError(
-                "tokenizer_source: 'union' needs token surgery, which evomerge does not do: the sources' "
+                "tokenizer_source: 'union' needs token surgery, which evomerge does not do yet: the sources' "
                 "vocabularies differ; pick one model's tokenizer"
             )
-        return sources[default]
-    if choice not in sources:
-        raise RecipeError(f"tokenizer_source: model '{choice}' is not one of the recipe's models")
-    return sources[choice]
+        return default
+    if choice in sources:
+        return sources[choice]
+    from evomerge.checkpoint import locate
+
+    outside = locate(choice)  # a model outside the recipe lends its tokenizer, as mergekit allows
+    if _vocab_signature(outside) != _vocab_signature(default):
+        raise RecipeError(
+            f"tokenizer_source: model '{choice}' is not one of the recipe's models and its vocabulary differs "
+            f"from theirs; evomerge does not map embedding rows to another vocabulary yet"
+        )
+    return outside
 
 
 def _vocab_signature(source: SourceModel) -> str:
+    """What makes two vocabularies the same: every token's id (normalisers, templates may differ)."""
     path = source.path / "tokenizer.json"
     if path.exists():
-        return path.read_text(encoding="utf-8")
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+        return json.dumps([spec.get("model", {}).get("vocab"), added], sort_keys=True)
     return str(getattr(source.config, "vocab_size", ""))
 
 
@@ -56,14 +70,10 @@ def _load_tokenizer(source: SourceModel):
 
 def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Path) -> None:
     donor = tokenizer_donor(recipe, sources)
-    template = recipe.chat_template
-    if template == "auto":
+    template = chat_template_text(recipe.chat_template)
+    if recipe.chat_template == "auto":
         templates = [t for t in (_load_tokenizer(s).chat_template for s in sources.values()) if t]
         template = Counter(t.strip() for t in templates).most_common(1)[0][0] if templates else None
-    elif template is not None and "{" not in template:
-        raise RecipeError(
-            f"chat_template: named templates ({template!r}) are not bundled with evomerge; give the Jinja text or 'auto'"
-        )
     if donor.gguf_file is None and donor.tokenizer_dir() is None:
         log.warning("model '%s' has no tokenizer files; the merged checkpoint has none either", donor.ref)
         return
