@@ -46,6 +46,7 @@ class SourceModel:
     kind: str  # "safetensors" | "bin" | "gguf"
     files: list[Path] = field(default_factory=list)
     gguf_file: str | None = None
+    adapter: Path | None = None  # a peft (LoRA) adapter folder applied on load: mergekit's `model+adapter`
     _config: PretrainedConfig | None = None
     _shapes: dict[str, tuple[int, ...]] | None = None
 
@@ -84,7 +85,9 @@ class SourceModel:
         self, names: set[str], dtype: torch.dtype, device: torch.device
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) for the requested names, one tensor in memory at a time."""
-        if self.kind == "safetensors":
+        if self.adapter is not None:
+            yield from self._iter_with_adapter(names, dtype, device)
+        elif self.kind == "safetensors":
             for file in self.files:
                 with _open_safetensors(file, self.ref) as handle:
                     for name in handle.keys():
@@ -123,6 +126,33 @@ class SourceModel:
             if name in names:
                 yield name, tensor.to(device=device, dtype=dtype)
         del model
+
+    def _iter_with_adapter(self, names, dtype, device):
+        """The model with its adapter merged in, as mergekit does it (peft's merge_and_unload on the
+        model loaded in its own dtype), once at load; nothing is written to disk."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto", **kwargs)
+        except Exception as exc:
+            raise CheckpointError(f"model '{self.ref}': transformers cannot load it: {_one_line(exc)}") from None
+        try:
+            model = PeftModel.from_pretrained(model, str(self.adapter), is_trainable=False).merge_and_unload()
+        except Exception as exc:
+            raise CheckpointError(f"model '{self.ref}': the adapter {self.adapter} does not apply to the model: "
+                                  f"{_one_line(exc)}") from None
+        for name, tensor in model.state_dict().items():
+            if name in names:
+                yield name, tensor.to(device=device, dtype=dtype)
+        del model
+
+    def weight_files(self) -> list[Path]:
+        """Every file the weights are read from: the checkpoint's, and its adapter's."""
+        if self.adapter is None:
+            return list(self.files)
+        return [*self.files, *sorted(self.adapter.glob("adapter_model.*")), self.adapter / "adapter_config.json"]
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the checkpoint declares (config), else that of its first floating tensor."""
@@ -209,13 +239,18 @@ def _safetensors_data_end(file: Path, ref: str) -> int:
     return 8 + header_len + max(ends, default=0)
 
 
+def split_adapter(ref: str) -> tuple[str, str | None]:
+    """mergekit's `model+adapter` -> (model, adapter); (ref, None) for a plain reference."""
+    if "+" not in ref or os.path.exists(os.path.expanduser(ref)):
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(f"model '{ref}': a LoRA reference is model+adapter, with one '+'")
+    return parts[0], parts[1]
+
+
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """'path_or_id@revision' -> (path_or_id, revision)."""
-    if "+" in ref and not os.path.exists(ref):
-        raise CheckpointError(
-            f"model '{ref}': LoRA references (model+adapter) are not supported; merge the adapter into "
-            "full weights first (peft's merge_and_unload)"
-        )
     if ref.count("@") > 1:
         raise CheckpointError(f"model '{ref}': more than one '@' (use path@revision)")
     if "@" in ref and not os.path.exists(ref):
@@ -225,7 +260,13 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
 
 
 def locate(ref: str, *, allow_bin: bool = False) -> SourceModel:
-    """Finds a model's files from a recipe reference."""
+    """Finds a model's files from a recipe reference (`model+adapter`: the model's, and the adapter's
+    folder, local or in the Hugging Face cache)."""
+    model_ref, adapter_ref = split_adapter(ref)
+    if adapter_ref is not None:
+        base = locate(model_ref, allow_bin=allow_bin)
+        return SourceModel(ref, base.path, base.kind, base.files, gguf_file=base.gguf_file,
+                           adapter=_adapter_dir(ref, adapter_ref, allow_bin))
     name, revision = parse_ref(ref)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -266,12 +307,28 @@ def _inspect_dir(ref: str, path: Path, allow_bin: bool) -> SourceModel:
     raise CheckpointError(f"model '{ref}': no weights in {path} (expected *.safetensors, pytorch_model*.bin or *.gguf)")
 
 
-def _from_hub_cache(ref: str, repo_id: str, revision: str | None) -> Path:
+def _adapter_dir(ref: str, adapter_ref: str, allow_bin: bool) -> Path:
+    name, revision = parse_ref(adapter_ref)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        path = _from_hub_cache(ref, name, revision, patterns=["adapter_config.json", "adapter_model.safetensors"])
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"model '{ref}': {path} is not a peft adapter (no adapter_config.json)")
+    if not (path / "adapter_model.safetensors").is_file():
+        if (path / "adapter_model.bin").is_file() and not allow_bin:
+            raise CheckpointError(f"model '{ref}': the adapter has only pickled adapter_model.bin weights; loading "
+                                  "pickles can run arbitrary code. Convert to safetensors, or pass --allow-bin")
+        if not (path / "adapter_model.bin").is_file():
+            raise CheckpointError(f"model '{ref}': no adapter_model.safetensors in {path}")
+    return path
+
+
+def _from_hub_cache(ref: str, repo_id: str, revision: str | None, patterns: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise CheckpointError(f"model '{ref}': no such directory, and not a Hugging Face id (org/name)")
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.gguf"]
+    patterns = patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.gguf"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
@@ -321,6 +378,6 @@ def weights_sha256(ref: str) -> str:
     """One sha256 for a model's weights: over its weight files' names and sha256s, in name order."""
     model = locate(ref, allow_bin=True)
     digest = hashlib.sha256()
-    for file in sorted(model.files, key=lambda f: f.name):
+    for file in sorted(model.weight_files(), key=lambda f: f.name):
         digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
     return digest.hexdigest()

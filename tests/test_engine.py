@@ -510,3 +510,93 @@ def test_an_interrupted_small_file_write_leaves_the_old_file(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         paths.atomic_write_text(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["memo.json"]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tiny_family, tmp_path_factory):
+    """Two peft LoRA adapters on the tiny base (random, non-zero B; one also on the embeddings and
+    with rsLoRA scaling), saved as peft saves them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("adapters")
+    configs = {
+        "attn": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+        "wide": LoraConfig(r=2, lora_alpha=3, target_modules=["gate_proj", "down_proj", "k_proj", "embed_tokens"],
+                           use_rslora=True, init_lora_weights=False),
+    }
+    for seed, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_family["base"]), config)
+        model.save_pretrained(folder / name)
+    return {name: str(folder / name) for name in configs}
+
+
+def test_lora_adapters_as_sources_give_mergekits_tensors(tiny_family, tiny_adapters, tmp_path):
+    """`model: base+adapter` (mergekit's syntax): the adapter merged into its model once at load, as
+    mergekit merges it; recipes mixing adapters and full models give mergekit's tensors."""
+    import yaml
+    from safetensors.torch import load_file
+
+    mergekit_merge = oracle("mergekit.merge")
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    base = tiny_family["base"]
+    recipe = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+              "models": [{"model": f"{base}+{tiny_adapters['attn']}", "parameters": {"weight": 0.7}},
+                         {"model": f"{base}+{tiny_adapters['wide']}", "parameters": {"weight": 0.5}},
+                         {"model": tiny_family["ft_math"], "parameters": {"weight": 0.3}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "ours"), "--device", "cpu", "-q"]) == 0
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "theirs"),
+                             MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
+                                          lora_merge_cache=str(tmp_path / "lora_cache")))
+    from tests.test_methods_oracle import _assert_close
+
+    ours, theirs = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    _assert_close(ours, theirs, rel=1e-5)  # float32 sums in another order, as for every oracle test
+    # Each adapted source, as loaded, is bit for bit the model mergekit merged it into (its LoRA cache).
+    engine = MergeEngine([base, *(f"{base}+{a}" for a in tiny_adapters.values())], device="cpu", progress=False)
+    cached = [load_file(folder / "model.safetensors") for folder in (tmp_path / "lora_cache").iterdir()]
+    assert len(cached) == 2
+    for adapter in tiny_adapters.values():
+        ref = f"{base}+{adapter}"
+        matches = [c for c in cached if all(torch.equal(engine.source_tensor(ref, n), c[n]) for n in engine.shapes)]
+        assert len(matches) == 1, adapter
+    # the adapters changed something (attention, MLP, embeddings), or the comparison proves little
+    wide = f"{base}+{tiny_adapters['wide']}"
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+        assert not torch.equal(engine.source_tensor(base, name), engine.source_tensor(wide, name)), name
+    assert not (Path(base) / "adapter_config.json").exists()  # nothing written beside the sources
+
+
+def test_bad_adapter_references_are_named(tiny_family, tmp_path):
+    from evomerge.checkpoint import locate
+
+    with pytest.raises(CheckpointError, match=r"a LoRA reference is model\+adapter, with one '\+'"):
+        locate(f"{tiny_family['base']}+a+b")
+    with pytest.raises(CheckpointError, match=r"is not a peft adapter \(no adapter_config.json\)"):
+        locate(f"{tiny_family['base']}+{tiny_family['ft_math']}")
+
+
+def test_a_search_over_adapters_named_relative_to_its_space_file(tiny_family, tiny_adapters, tmp_path):
+    """space.yaml names `base+adapter` sources relative to itself, like any model path; the search
+    runs over them end to end."""
+    import yaml
+
+    from evomerge.search import SearchSpace, run_search
+
+    for name, path in [("base", tiny_family["base"]), *tiny_adapters.items()]:
+        shutil.copytree(path, tmp_path / "models" / name)
+    space = {"name": "adapters", "base_model": "models/base", "methods": ["task_arithmetic"], "n_trials": 2,
+             "models": [{"name": "attn", "path": "models/base+models/attn"},
+                        {"name": "wide", "path": "models/base+models/wide"}],
+             "tasks": [{"task": "mmlu", "metric": "gold_loglik", "size": 4}], "dtype": "float32",
+             "pruning": {"enabled": False}, "results_dir": str(tmp_path / "results")}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    loaded = SearchSpace.load(tmp_path / "space.yaml")
+    assert loaded.models["attn"] == f"{tmp_path / 'models' / 'base'}+{tmp_path / 'models' / 'attn'}"
+    summary = run_search(loaded, heldout=False, progress=False)
+    assert summary["trials"]["COMPLETE"] == 2

@@ -438,6 +438,8 @@ def _resolve(path: str, here: Path) -> str:
     `demo-family:<member>` names a member of the built-in demo family."""
     if is_member_ref(path):
         return member_path(path)
+    if "+" in path and not (here / path).expanduser().exists():  # model+adapter: each part resolved
+        return "+".join(_resolve(part, here) for part in path.split("+"))
     candidate = (here / path).expanduser()
     if not Path(path).is_absolute() and candidate.exists():
         return str(candidate.resolve())
