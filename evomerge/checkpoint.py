@@ -85,9 +85,7 @@ class SourceModel:
         self, names: set[str], dtype: torch.dtype, device: torch.device
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) for the requested names, one tensor in memory at a time."""
-        if self.adapter is not None:
-            yield from self._iter_with_adapter(names, dtype, device)
-        elif self.kind == "safetensors":
+        if self.kind == "safetensors" and self.adapter is None:
             for file in self.files:
                 with _open_safetensors(file, self.ref) as handle:
                     for name in handle.keys():
@@ -100,7 +98,7 @@ class SourceModel:
                                     f"(truncated or corrupt file?): {_one_line(exc)}"
                                 ) from None
                             yield name, tensor.to(device=device, dtype=dtype)
-        elif self.kind == "bin":
+        elif self.kind == "bin" and self.adapter is None:
             for file in self.files:
                 try:
                     state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -114,35 +112,24 @@ class SourceModel:
             yield from self._iter_through_transformers(names, dtype, device)
 
     def _iter_through_transformers(self, names, dtype, device):
-        """GGUF (and checkpoints whose tensor names transformers renames) load as a model."""
+        """GGUF, checkpoints whose tensor names transformers renames, and models with an adapter load
+        as a model. An adapter is merged in as mergekit merges it (peft's merge_and_unload on the
+        model in its own dtype), once at load; nothing is written to disk."""
         from transformers import AutoModelForCausalLM
 
         kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto" if self.adapter else dtype, **kwargs)
         except Exception as exc:
             raise CheckpointError(f"model '{self.ref}': transformers cannot load it: {_one_line(exc)}") from None
-        for name, tensor in model.state_dict().items():
-            if name in names:
-                yield name, tensor.to(device=device, dtype=dtype)
-        del model
+        if self.adapter is not None:
+            from peft import PeftModel
 
-    def _iter_with_adapter(self, names, dtype, device):
-        """The model with its adapter merged in, as mergekit does it (peft's merge_and_unload on the
-        model loaded in its own dtype), once at load; nothing is written to disk."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto", **kwargs)
-        except Exception as exc:
-            raise CheckpointError(f"model '{self.ref}': transformers cannot load it: {_one_line(exc)}") from None
-        try:
-            model = PeftModel.from_pretrained(model, str(self.adapter), is_trainable=False).merge_and_unload()
-        except Exception as exc:
-            raise CheckpointError(f"model '{self.ref}': the adapter {self.adapter} does not apply to the model: "
-                                  f"{_one_line(exc)}") from None
+            try:
+                model = PeftModel.from_pretrained(model, str(self.adapter), is_trainable=False).merge_and_unload()
+            except Exception as exc:
+                raise CheckpointError(f"model '{self.ref}': the adapter {self.adapter} does not apply to the model: "
+                                      f"{_one_line(exc)}") from None
         for name, tensor in model.state_dict().items():
             if name in names:
                 yield name, tensor.to(device=device, dtype=dtype)

@@ -36,20 +36,28 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(target: Path, text: str) -> None:
-    """Writes `text` to a scratch file beside `target` that replaces it once complete: a reader (or
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yields a scratch file beside `target` that replaces it only if the block succeeds: a reader (or
     a later run) sees the old file or the new one, never half of one."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    os.close(handle)
+    scratch = Path(name)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        yield scratch
         os.chmod(scratch, 0o666 & ~_umask())
         os.replace(scratch, target)
     except BaseException:
-        Path(scratch).unlink(missing_ok=True)
+        scratch.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(target: Path, text: str) -> None:
+    """Writes `text` to `target` whole or not at all (`atomic_file`)."""
+    with atomic_file(target) as scratch:
+        scratch.write_text(text, encoding="utf-8")
 
 
 def _umask() -> int:

@@ -36,14 +36,19 @@ def chat_template_names() -> list[str]:
     return sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja"))
 
 
+def _named_template(value: str) -> Optional[Path]:
+    """The file of a named chat template (a name has no braces and no line breaks), or None."""
+    file = CHAT_TEMPLATES / f"{value}.jinja"
+    return file if "{" not in value and "\n" not in value and "/" not in value and file.is_file() else None
+
+
 def chat_template_text(value: Optional[str]) -> Optional[str]:
     """The Jinja text a recipe's `chat_template` stands for: a named template's file, or the text
     itself; None for none and for 'auto' (chosen from the sources when the checkpoint is written)."""
     if value is None or value == "auto":
         return None
-    if "{" not in value and "\n" not in value and (CHAT_TEMPLATES / f"{value}.jinja").is_file():
-        return (CHAT_TEMPLATES / f"{value}.jinja").read_text(encoding="utf-8")
-    return value
+    named = _named_template(value)
+    return named.read_text(encoding="utf-8") if named else value
 
 
 # --------------------------------------------------------------------------- settings
@@ -213,7 +218,7 @@ class Recipe(_Strict):
     def _chat_template(cls, value: Optional[str]) -> Optional[str]:
         if value is None or value == "auto" or "{" in value and len(value) >= 20:
             return value
-        if "{" not in value and "\n" not in value and value in chat_template_names():
+        if _named_template(value):
             return value
         raise ValueError(f"unknown chat template {value!r}: name one of {', '.join(chat_template_names())}, "
                          "give the Jinja text, or 'auto' (the sources' most common)")

@@ -20,10 +20,8 @@ import functools
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.paths import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -142,29 +141,22 @@ def _head_dim(config) -> int:
 
 def write_ggufs(checkpoint: Path, types: list[str], stem: str, *, progress: bool = True) -> list[Path]:
     """One `<stem>-<TYPE>.gguf` per type inside `checkpoint` (a folder `save_pretrained` wrote)."""
-    written: list[Path] = []
-    kquants = [t for t in types if t in K_QUANTS]
-    intermediate: Path | None = None
+    written = [write_gguf(checkpoint, checkpoint / f"{stem}-{kind.upper()}.gguf", kind, progress=progress)
+               for kind in types if kind not in K_QUANTS]
+    kquants = [kind for kind in types if kind in K_QUANTS]
+    if not kquants:
+        return written
+    source = _intermediate_type(checkpoint)  # llama-quantize's input: one written above, else a scratch file
+    base = checkpoint / f"{stem}-{source.upper()}.gguf"
+    scratch = base not in written
+    if scratch:
+        base = write_gguf(checkpoint, checkpoint / f".{stem}-{source}.for-llama-quantize.gguf", source,
+                          progress=progress)
     try:
-        for kind in types:
-            if kind in K_QUANTS:
-                continue
-            written.append(write_gguf(checkpoint, checkpoint / f"{stem}-{kind.upper()}.gguf", kind, progress=progress))
-        if kquants:
-            source = _intermediate_type(checkpoint)
-            found = [p for p in written if p.name == f"{stem}-{source.upper()}.gguf"]
-            if found:
-                intermediate = None
-                base = found[0]
-            else:
-                handle, name = tempfile.mkstemp(prefix=".gguf-", suffix=".gguf", dir=checkpoint)
-                os.close(handle)
-                intermediate = base = write_gguf(checkpoint, Path(name), source, progress=progress)
-            for kind in kquants:
-                written.append(quantize(base, checkpoint / f"{stem}-{kind.upper()}.gguf", kind))
+        written += [quantize(base, checkpoint / f"{stem}-{kind.upper()}.gguf", kind) for kind in kquants]
     finally:
-        if intermediate is not None:
-            intermediate.unlink(missing_ok=True)
+        if scratch:
+            base.unlink(missing_ok=True)
     return written
 
 
@@ -230,24 +222,18 @@ def write_gguf(checkpoint: Path, target: Path, kind: str, *, progress: bool = Tr
         writer.add_tensor_info(name, byte_shape, np.dtype(dtype), int(np.prod(byte_shape)) * np.dtype(dtype).itemsize,
                                raw_dtype=None if qtype in _plain() else qtype)
 
-    handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
-    os.close(handle)
-    try:
-        writer.write_header_to_file(Path(scratch))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = _progress(len(plan), f"GGUF {kind}", progress)
-        for name, read, _shape, qtype, transform in plan:
-            writer.write_tensor_data(_encode(transform(read()), qtype))
-            bar.update(1)
-        bar.close()
-        writer.close()
-        os.chmod(scratch, 0o644)
-        os.replace(scratch, target)
-    except BaseException:
-        writer.close()
-        Path(scratch).unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as scratch:
+        try:
+            writer.write_header_to_file(scratch)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            bar = _progress(len(plan), f"GGUF {kind}", progress)
+            for name, read, _shape, qtype, transform in plan:
+                writer.write_tensor_data(_encode(transform(read()), qtype))
+                bar.update(1)
+            bar.close()
+        finally:
+            writer.close()
     log.info("wrote %s (%s, %.1f MB)", target.name, qtype_name, target.stat().st_size / 1e6)
     return target
 

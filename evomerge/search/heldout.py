@@ -43,6 +43,11 @@ def _tasks_digest() -> str:
     return digest.hexdigest()
 
 
+def _entries(space: SearchSpace, split: str) -> list:
+    """What a split scores: the held-out entries, or the search's tasks."""
+    return space.heldout_entries() if split == "heldout" else space.config.tasks
+
+
 def cache_key(space: SearchSpace, recipe: Recipe, device: str, split: str = "heldout") -> str:
     """What a model's scores on a split depend on; the same key, the same scores."""
     import lm_eval
@@ -54,8 +59,8 @@ def cache_key(space: SearchSpace, recipe: Recipe, device: str, split: str = "hel
 
     weights = recipe.with_models({ref: weights_sha256(ref) for ref in recipe.referenced_models()})
     config = space.config
-    entries = space.heldout_entries() if split == "heldout" else space.config.tasks
-    key = {"recipe": weights.to_yaml(), **({"split": split} if split != "heldout" else {}), "entries": [e.model_dump(mode="json") for e in entries],
+    key = {"recipe": weights.to_yaml(), **({"split": split} if split != "heldout" else {}),
+           "entries": [e.model_dump(mode="json") for e in _entries(space, split)],
            "seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size, "device": device,
            "tasks": _tasks_digest(), "versions": [__version__, lm_eval.__version__, torch.__version__,
                                                   transformers.__version__]}
@@ -71,9 +76,8 @@ def score_models(space: SearchSpace, load: Callable[[], tuple[Any, Any]], candid
     """{name: {"scores": {column: value}, "items": {column: [per-item score]}}} for each candidate on
     `split` (columns "task/metric"), from the cache where it has them. `load()` gives (engine,
     tokenizer), called only when a score is missing."""
-    entries = space.heldout_entries() if split == "heldout" else space.config.tasks
     by_metric: dict[str, list] = {}
-    for entry in entries:
+    for entry in _entries(space, split):
         by_metric.setdefault(entry.metric, []).append(entry)
     evaluators: dict[str, Evaluator] = {}
     found: dict[str, dict[str, Any]] = {}
