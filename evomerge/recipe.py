@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -192,6 +192,66 @@ class OutputSlice(_Strict):
         return self.sources[0].num_layers
 
 
+class ModelToken(_Strict):
+    """A token's embedding taken from one model's row for a token (by text or id)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: Optional[int] = Field(None, ge=0)
+    token: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelToken":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token or token_id")
+        return self
+
+
+class ZeroToken(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenSetting(_Strict):
+    """Where one output token's embedding comes from (mergekit's TokenEmbeddingConfig): a model's
+    row for that token, another token's row, zeros; `force` applies it to every model."""
+
+    source: Union[ModelToken, ZeroToken, str, None] = None
+    force: bool = False
+
+    @model_validator(mode="after")
+    def _forced_source(self) -> "TokenSetting":
+        if self.force and self.source is None:
+            raise ValueError("force: true needs a source")
+        return self
+
+
+class TokenizerSetting(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary, per-token embedding sources, padding."""
+
+    source: str = "union"  # "union", "base", or a model (in the recipe or not)
+    tokens: Optional[dict[str, TokenSetting]] = None
+    pad_to_multiple_of: Optional[int] = Field(None, ge=1)
+
+    def models(self) -> list[str]:
+        """The models this setting names (its source and its tokens' sources)."""
+        named = [] if self.source in ("union", "base") else [self.source]
+        for token in (self.tokens or {}).values():
+            source = token.source
+            named += [source] if isinstance(source, str) else [source.model] if isinstance(source, ModelToken) else []
+        return named
+
+    def renamed(self, rename: Callable[[str], str]) -> "TokenizerSetting":
+        data = self.model_dump(exclude_none=True)
+        if self.source not in ("union", "base"):
+            data["source"] = rename(self.source)
+        for token in (data.get("tokens") or {}).values():
+            if isinstance(token.get("source"), str):
+                token["source"] = rename(token["source"])
+            elif isinstance(token.get("source"), dict) and "model" in token["source"]:
+                token["source"]["model"] = rename(token["source"]["model"])
+        return TokenizerSetting.model_validate(data)
+
+
 class Recipe(_Strict):
     """A mergekit merge configuration (the subset evomerge materialises: one module)."""
 
@@ -202,7 +262,8 @@ class Recipe(_Strict):
     parameters: Parameters = None
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: Optional[str] = None  # "union", "base" or a model: the `tokenizer:` block, in short
+    tokenizer: Optional[TokenizerSetting] = None
     chat_template: Optional[str] = None
 
     @field_validator("merge_method")
@@ -232,6 +293,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _structure(self) -> "Recipe":
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("tokenizer: give tokenizer_source or a tokenizer block, not both (as mergekit)")
         if bool(self.models) == bool(self.slices):
             raise ValueError("exactly one of 'models' or 'slices' must be given")
         method = registry.get(self.merge_method)
@@ -274,6 +337,15 @@ class Recipe(_Strict):
                 for key, setting in (source.parameters or {}).items():
                     yield f"slices.{i}.sources.{j}.parameters", key, setting
 
+    def vocabulary(self) -> Optional[TokenizerSetting]:
+        """The output vocabulary the recipe asks for (`tokenizer_source: X` is `tokenizer: {source: X}`),
+        or None: the base model's tokenizer, every vocabulary equal."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_source is not None:
+            return TokenizerSetting(source=self.tokenizer_source)
+        return None
+
     def unknown_parameters(self) -> list[str]:
         method = registry.get(self.merge_method)
         return sorted(
@@ -300,9 +372,13 @@ class Recipe(_Strict):
         rename = lambda ref: mapping.get(ref, ref)  # noqa: E731
         for holder in [data, *data.get("models", []), *data.get("slices", []),
                        *(s for out in data.get("slices", []) for s in out["sources"])]:
-            for key in ("model", "base_model", "tokenizer_source"):
+            for key in ("model", "base_model"):
                 if isinstance(holder.get(key), str):
                     holder[key] = rename(holder[key])
+        if self.tokenizer_source not in (None, "union", "base"):
+            data["tokenizer_source"] = rename(self.tokenizer_source)
+        if self.tokenizer is not None:
+            data["tokenizer"] = self.tokenizer.renamed(rename).model_dump(exclude_none=True)
         return Recipe.from_dict(data)
 
     # ----------------------------------------------------------------- YAML
@@ -315,16 +391,6 @@ class Recipe(_Strict):
             raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
         if "modules" in data:
             raise RecipeError(f"{source}: modules: multi-module recipes are not supported; use models or slices")
-        if "tokenizer" in data:
-            tokenizer = data.get("tokenizer") or {}
-            if set(tokenizer) - {"source"}:
-                raise RecipeError(
-                    f"{source}: tokenizer: only 'tokenizer: {{source: ...}}' is supported "
-                    "(token surgery would change the embedding shapes every candidate shares)"
-                )
-            data = {k: v for k, v in data.items() if k != "tokenizer"}
-            if "source" in tokenizer:
-                data["tokenizer_source"] = tokenizer["source"]
         try:
             recipe = cls.model_validate(data)
         except ValidationError as exc:
@@ -369,7 +435,7 @@ class Recipe(_Strict):
                 source["layer_range"] = list(source["layer_range"])
         # mergekit's conventional key order, for humans reading the YAML.
         order = ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source", "chat_template"]
+                 "tokenizer_source", "tokenizer", "chat_template"]
         return {k: data[k] for k in order if k in data}
 
     def to_yaml(self) -> str:

@@ -241,8 +241,11 @@ def _bad_sources(family: dict[str, str], tmp: Path) -> dict[str, str]:
     token = next(t for t in spec["model"]["vocab"] if t.isalpha() and len(t) > 2)
     spec["model"]["vocab"]["zzz" + token] = spec["model"]["vocab"].pop(token)
     (other_vocab / "tokenizer.json").write_text(json.dumps(spec))
+    from evomerge.demo.tiny import with_added_tokens
+
+    added = with_added_tokens(family["ft_math"], tmp / "added", ["<tool>"])
     return {"truncated": str(truncated), "wide": str(wide), "mistral": str(mistral), "pickled": str(pickled),
-            "missing": str(missing), "other_vocab": str(other_vocab), **corrupt}
+            "missing": str(missing), "other_vocab": str(other_vocab), "added": str(added), **corrupt}
 
 
 def _header(header) -> bytes:
@@ -280,10 +283,17 @@ BAD_RECIPES = [
      "model.safetensors is not a valid safetensors file: its header is a JSON list, not an object"),
     ("no_offsets", "merge_method: linear\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {no_offsets}, parameters: {{weight: 1}}}}]\n",
      "tensor 'model.embed_tokens.weight' has no valid data_offsets"),
-    ("union_vocab", "merge_method: linear\ntokenizer_source: union\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {other_vocab}, parameters: {{weight: 1}}}}]\n",
-     "tokenizer_source: 'union' needs token surgery"),
-    ("outside_vocab", "merge_method: linear\ntokenizer_source: {other_vocab}\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {math}, parameters: {{weight: 1}}}}]\n",
-     "is not one of the recipe's models and its vocabulary differs from theirs"),
+    ("vocab_size", "merge_method: linear\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {added}, parameters: {{weight: 1}}}}]\n",
+     "has vocab_size=385, but '{base}' has vocab_size=384: their vocabularies differ; add `tokenizer_source: union`"),
+    ("token_source", "merge_method: linear\ntokenizer: {{tokens: {{'<tool>': {{source: {{kind: model_token, model: {base}, token: '<nope>'}}}}}}}}\n"
+     "models: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {added}, parameters: {{weight: 1}}}}]\n",
+     "tokenizer.tokens.<tool>: model '{base}' has no token '<nope>'"),
+    ("token_model", "merge_method: linear\ntokenizer: {{tokens: {{'<tool>': {{source: {other_vocab}}}}}}}\n"
+     "models: [{{model: {base}, parameters: {{weight: 1}}}}, {{model: {added}, parameters: {{weight: 1}}}}]\n",
+     "tokenizer.tokens.<tool>: takes its row from model '{other_vocab}', which is not one of the recipe's models"),
+    ("both_tokenizer", "merge_method: linear\ntokenizer_source: base\ntokenizer: {{source: union}}\n"
+     "models: [{{model: {base}, parameters: {{weight: 1}}}}]\n",
+     "give tokenizer_source or a tokenizer block, not both"),
     ("chat_template", "merge_method: linear\nchat_template: chatlm\nmodels: [{{model: {base}, parameters: {{weight: 1}}}}]\n",
      "chat_template: unknown chat template 'chatlm'"),
 ]
@@ -297,11 +307,12 @@ def bad_sources(tiny_family, tmp_path_factory):
 @pytest.mark.parametrize("case,template,message", BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
 def test_bad_input_is_one_line_naming_the_culprit(case, template, message, tiny_family, bad_sources, tmp_path, capsys):
     recipe = tmp_path / f"{case}.yaml"
-    recipe.write_text(template.format(base=tiny_family["base"], math=tiny_family["ft_math"], **bad_sources))
+    names = dict(base=tiny_family["base"], math=tiny_family["ft_math"], **bad_sources)
+    recipe.write_text(template.format(**names))
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--device", "cpu", "-q"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge:")]
     assert len(err) == 1 and err[0].startswith("evomerge: error: "), err
-    assert message in err[0]
+    assert message.format(**names) in err[0]
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -311,9 +322,10 @@ def test_tokenizer_settings_are_refused_before_the_merge_runs(tiny_family, bad_s
 
     monkeypatch.setattr(MergeEngine, "materialize", no_merge)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(BAD_RECIPES[-2][1].format(base=tiny_family["base"], math=tiny_family["ft_math"], **bad_sources))
+    template = dict((case, template) for case, template, _ in BAD_RECIPES)["token_source"]
+    recipe.write_text(template.format(base=tiny_family["base"], math=tiny_family["ft_math"], **bad_sources))
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--device", "cpu", "-q"]) == 2
-    assert "its vocabulary differs" in capsys.readouterr().err
+    assert "has no token '<nope>'" in capsys.readouterr().err
 
 
 def test_a_tokenizer_from_outside_the_recipe_and_a_named_template_as_mergekit_writes_them(tiny_family, tmp_path):

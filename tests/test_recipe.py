@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from evomerge.engine.plan import Layout, plan_recipe
@@ -213,12 +215,28 @@ def test_unknown_parameters_are_reported_not_fatal():
     assert recipe.unknown_parameters() == ["parameters.densty"]
 
 
-def test_tokenizer_block_maps_to_tokenizer_source():
-    recipe = Recipe.from_dict({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
-                               "tokenizer": {"source": "base"}})
-    assert recipe.tokenizer_source == "base"
-    with pytest.raises(RecipeError, match="token surgery"):
-        Recipe.from_dict({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"source": "union", "tokens": {}}})
+def test_tokenizer_settings_as_mergekit_reads_them():
+    """`tokenizer_source: X` is `tokenizer: {source: X}`; the block defaults to the union, round-trips
+    through YAML, and follows renamed models; malformed token sources are named."""
+    models = [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": 1}}]
+    short = Recipe.from_dict({"merge_method": "linear", "models": models, "tokenizer_source": "b"})
+    assert short.vocabulary() == Recipe.from_dict({"merge_method": "linear", "models": models,
+                                                   "tokenizer": {"source": "b"}}).vocabulary()
+    assert Recipe.from_dict({"merge_method": "linear", "models": models}).vocabulary() is None
+    block = {"pad_to_multiple_of": 64, "tokens": {"<tool>": {"source": "b", "force": True},
+                                                   "<x>": {"source": {"kind": "model_token", "model": "a", "token_id": 3}},
+                                                   "<z>": {"source": {"kind": "zero"}}}}
+    recipe = Recipe.from_dict({"merge_method": "linear", "models": models, "tokenizer": block})
+    assert recipe.vocabulary().source == "union"
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    renamed = recipe.with_models({"a": "A", "b": "B"}).vocabulary()
+    assert renamed.tokens["<tool>"].source == "B" and renamed.tokens["<x>"].source.model == "A"
+    assert short.with_models({"b": "B"}).tokenizer_source == "B"
+    for tokens, message in (({"<x>": {"source": {"kind": "model_token", "model": "a"}}}, "exactly one of token or token_id"),
+                            ({"<x>": {"force": True}}, "force: true needs a source"),
+                            ({"<x>": {"source": {"kind": "mean"}}}, "tokenizer.tokens.<x>.source")):
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            Recipe.from_dict({"merge_method": "linear", "models": models, "tokenizer": {"tokens": tokens}})
 
 
 def test_keys_mergekit_ignores_are_dropped_with_a_warning_or_refused_with_strict(caplog):

@@ -117,3 +117,29 @@ def _delta(index: int, key: str, weight: torch.Tensor, generator: torch.Generato
         v = torch.randn(2, weight.shape[1], generator=generator)
         return (u @ v) * scale * 0.05
     return torch.randn(weight.shape, generator=generator) * scale * 0.05
+
+
+def with_added_tokens(source: str | Path, out_dir: str | Path, tokens: list[str], *, seed: int = 0,
+                      special: bool = True) -> Path:
+    """A copy of a tiny model whose tokenizer adds `tokens` (in that order; special tokens, as chat
+    fine-tunes add them, unless `special` is False) and whose embedding and LM-head rows grow to
+    match, the new rows random: a fine-tune with added tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    else:
+        tokenizer.add_tokens(tokens)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            rows = module.weight[old:]
+            rows.copy_(torch.randn(rows.shape, generator=generator) * module.weight[:old].std())
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

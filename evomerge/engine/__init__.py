@@ -6,7 +6,7 @@ from pathlib import Path
 
 from evomerge.engine.engine import MergeEngine, MergeStats
 from evomerge.checkpoint import locate
-from evomerge.engine.export import check_output_dir, save_checkpoint, tokenizer_donor
+from evomerge.engine.export import check_output_dir, save_checkpoint
 from evomerge.recipe import Recipe
 
 __all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "save_checkpoint"]
@@ -37,10 +37,11 @@ def merge_to_checkpoint(
         out_dtype=recipe.out_dtype,
         allow_bin=allow_bin,
         delta_cache=False,  # one recipe: caching task vectors would only cost memory
+        tokenizer=recipe.vocabulary(),  # the output vocabulary, built (or refused) before anything is merged
         progress=progress,
     )
-    tokenizer_donor(recipe, engine.sources)  # a tokenizer setting that cannot be honoured fails before the merge
     if gguf:
         check_config(engine.sources[recipe.base_model or recipe.referenced_models()[0]].config, "the merged model")
     model = engine.materialize(recipe, seed=seed, progress=progress)
-    return save_checkpoint(model, recipe, engine.sources, out_dir, card, gguf=gguf, progress=progress)
+    return save_checkpoint(model, recipe, engine.sources, out_dir, card, gguf=gguf, progress=progress,
+                           vocabulary=engine.vocabulary)

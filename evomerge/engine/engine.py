@@ -22,16 +22,17 @@ from tqdm.auto import tqdm
 from evomerge.checkpoint import SourceModel, locate
 from evomerge.device import available_bytes, dtype_name, parse_dtype, resolve_device
 from evomerge.engine.plan import Job, Layout, Plan, plan_recipe
+from evomerge.engine.vocab import Vocabulary, build_vocabulary, vocab_rows
 from evomerge.errors import ArchitectureMismatch, MergeFailure, RecipeError
 from evomerge.methods.kernels import Workspace, accumulation_dtype, weighted_sum
 from evomerge.methods.registry import Inputs
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, TokenizerSetting
 
 log = logging.getLogger(__name__)
 
-# Config keys that must agree for two checkpoints to be merged tensor by tensor.
-_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-               "vocab_size")
+# Config keys that must agree for two checkpoints to be merged tensor by tensor (vocab_size too,
+# unless a tokenizer setting maps every source onto one output vocabulary).
+_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class MergeEngine:
     out_dtype: dtype of the output model (default: dtype)
     delta_cache: cache task vectors (source - base) across recipes: True, False or "auto"
                  (when they fit in the free memory of the device, with a 25% margin)
+    tokenizer: the recipes' tokenizer setting (mergekit's `tokenizer:` block): every source's
+               embedding and LM-head rows are mapped onto its output vocabulary
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class MergeEngine:
         out_dtype: str | torch.dtype | None = None,
         allow_bin: bool = False,
         delta_cache: bool | str = "auto",
+        tokenizer: TokenizerSetting | None = None,
         progress: bool = True,
     ):
         refs = list(dict.fromkeys(models))
@@ -87,6 +91,9 @@ class MergeEngine:
         # Merge arithmetic runs in float32 (float64 stays float64): half precision loses the small deltas.
         self.compute_dtype = accumulation_dtype(self.dtype)
         self.delta_cache_mode = delta_cache
+        self.tokenizer_setting = tokenizer
+        self.vocabulary: Vocabulary | None = (
+            build_vocabulary(tokenizer, self.sources, self.reference) if tokenizer is not None else None)
 
         self.model_layers = {ref: src.num_layers for ref, src in self.sources.items()}
         self._check_architectures()
@@ -116,6 +123,13 @@ class MergeEngine:
                     raise ArchitectureMismatch(
                         f"model '{ref}' has {key}={a}, but '{self.reference}' has {key}={b}"
                     )
+            if self.vocabulary is None and cfg.vocab_size != ref_cfg.vocab_size:
+                raise ArchitectureMismatch(
+                    f"model '{ref}' has vocab_size={cfg.vocab_size}, but '{self.reference}' has "
+                    f"vocab_size={ref_cfg.vocab_size}: their vocabularies differ; add `tokenizer_source: union` "
+                    "(or base, or a model) to the recipe (`tokenizer:` in space.yaml) to map their embedding rows "
+                    "onto one output vocabulary"
+                )
 
     def _model_names(self, ref: str) -> list[str]:
         return self.layout.names(self.model_layers[ref])
@@ -139,17 +153,32 @@ class MergeEngine:
             for name in self._model_names(ref):
                 if name not in shapes:
                     raise ArchitectureMismatch(f"model '{ref}' has no tensor '{name}'")
-                if shapes[name] != self.shapes[name]:
+                if shapes[name] != self._source_shape(ref, name):
                     raise ArchitectureMismatch(
                         f"model '{ref}': tensor '{name}' has shape {list(shapes[name])}, "
-                        f"expected {list(self.shapes[name])}"
+                        f"expected {list(self._source_shape(ref, name))}"
                     )
+
+    def _mapped(self, name: str) -> bool:
+        """A vocabulary tensor whose rows are mapped onto the output vocabulary."""
+        return self.vocabulary is not None and name in self.layout.vocab
+
+    def _source_shape(self, ref: str, name: str) -> tuple[int, ...]:
+        """The shape tensor `name` has in source `ref`: the output's, but for the rows of a mapped
+        vocabulary tensor, which are the source's own tokens."""
+        if self._mapped(name):
+            return (vocab_rows(self.sources[ref]), *self.shapes[name][1:])
+        return self.shapes[name]
 
     def _load(self) -> None:
         """Reads every source once into per-tensor stacks on the device."""
         self.rows: dict[str, dict[str, int]] = {}  # tensor name -> {model ref: row}
+        self.vocab_tensors: dict[str, dict[str, torch.Tensor]] = {}  # mapped name -> {model ref: its own rows}
+        self._vocab_maps: dict[tuple, list[torch.Tensor]] = {}  # (name, models, base) -> mapped, per model
         for ref in self.refs:
             for name in self._model_names(ref):
+                if self._mapped(name):
+                    continue
                 rows = self.rows.setdefault(name, {})
                 rows[ref] = len(rows)
         self.stacks: dict[str, torch.Tensor] = {
@@ -162,12 +191,15 @@ class MergeEngine:
                 wanted = set(self._model_names(ref))
                 loaded = set()
                 for name, tensor in self.sources[ref].iter_tensors(wanted, self.dtype, self.device):
-                    target = self.stacks[name][self.rows[name][ref]]
-                    if tuple(tensor.shape) != tuple(target.shape):
+                    expected = self._source_shape(ref, name)
+                    if tuple(tensor.shape) != tuple(expected):
                         raise ArchitectureMismatch(
-                            f"model '{ref}': tensor '{name}' has shape {list(tensor.shape)}, expected {list(target.shape)}"
+                            f"model '{ref}': tensor '{name}' has shape {list(tensor.shape)}, expected {list(expected)}"
                         )
-                    target.copy_(tensor)
+                    if self._mapped(name):
+                        self.vocab_tensors.setdefault(name, {})[ref] = tensor.contiguous()
+                    else:
+                        self.stacks[name][self.rows[name][ref]].copy_(tensor)
                     loaded.add(name)
                     bar.update(1)
                 missing = wanted - loaded
@@ -181,18 +213,42 @@ class MergeEngine:
 
     @property
     def source_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.stacks.values())
+        tensors = [*self.stacks.values(), *(t for by_ref in self.vocab_tensors.values() for t in by_ref.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def source_tensor(self, ref: str, name: str) -> torch.Tensor:
+        """Source `ref`'s tensor `name` (a mapped vocabulary tensor: its own rows, not yet mapped)."""
+        if self._mapped(name):
+            return self.vocab_tensors[name][ref]
         return self.stacks[name][self.rows[name][ref]]
+
+    def _inputs(self, job: Job) -> list[torch.Tensor]:
+        """The input tensors of a job; a vocabulary tensor's mapped onto the output vocabulary once
+        per (tensor, models, base) and kept, since the rows a model lacks depend on its company."""
+        if not self._mapped(job.name):
+            return [self.source_tensor(model, name) for model, name in job.sources]
+        key = (job.name, job.sources, job.base_model)
+        if key not in self._vocab_maps:
+            if len(self._vocab_maps) >= 8:  # recipes over other subsets of the models: keep the latest
+                self._vocab_maps.pop(next(iter(self._vocab_maps)))
+            tensors = {model: self.vocab_tensors[name][model] for model, name in job.sources}
+            self._vocab_maps[key] = self.vocabulary.map(job.name, tensors, base=job.base_model)
+        return self._vocab_maps[key]
 
     # ------------------------------------------------------------------ output model
 
-    def output_config(self, plan: Plan):
+    def _config(self, num_layers: int):
+        """The reference's config for an output of `num_layers` layers (and the output vocabulary)."""
         config = copy.deepcopy(self.sources[self.reference].config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # GGUF sources: the merged model is plain weights
-        config.num_hidden_layers = plan.num_layers
+        config.num_hidden_layers = num_layers
+        if self.vocabulary is not None:
+            config.vocab_size = self.vocabulary.size
+        return config
+
+    def output_config(self, plan: Plan):
+        config = self._config(plan.num_layers)
         layer_types = getattr(config, "layer_types", None)
         if isinstance(layer_types, list):
             config.layer_types = [
@@ -206,10 +262,7 @@ class MergeEngine:
         from transformers.initialization import no_init_weights
 
         if config is None:
-            config = copy.deepcopy(self.sources[self.reference].config)
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            config.num_hidden_layers = num_layers
+            config = self._config(num_layers)
         with no_init_weights(), torch.device(self.device):
             model = AutoModelForCausalLM.from_config(config, dtype=self.out_dtype)
         model.tie_weights()  # skipped under no_init_weights; tied weights must be one parameter
@@ -235,6 +288,11 @@ class MergeEngine:
             raise RecipeError(
                 f"out_dtype: recipe asks for {recipe.out_dtype} but the output model is {dtype_name(self.out_dtype)}"
             )
+        if recipe.vocabulary() != self.tokenizer_setting:
+            raise RecipeError(
+                f"tokenizer: the recipe asks for {_vocabulary_text(recipe.vocabulary())}, but the sources were "
+                f"loaded for {_vocabulary_text(self.tokenizer_setting)}; load the engine with the recipe's setting"
+            )
         return plan_recipe(recipe, self.layout, self.model_layers)
 
     def materialize(self, recipe: Recipe, seed: int = 0, *, check_finite: bool = True, progress: bool = False) -> nn.Module:
@@ -245,12 +303,12 @@ class MergeEngine:
         """
         plan = self.plan(recipe)
         model = self.model_for(plan)
-        params = dict(model.named_parameters())
+        params = {name: p.data for name, p in model.named_parameters()}
         stats = MergeStats()
         for job in tqdm(plan.jobs, desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress):
             target = params[job.name]
             try:
-                self._run(plan, job, target.data, seed, stats)
+                self._run(plan, job, target, seed, stats)
             except Exception as exc:
                 if not _candidate_error(exc):
                     raise  # a bug: it stops the search with its traceback instead of failing one candidate
@@ -265,7 +323,7 @@ class MergeEngine:
 
     def _run(self, plan: Plan, job: Job, out: torch.Tensor, seed: int, stats: MergeStats) -> None:
         method = plan.method
-        tensors = [self.source_tensor(model, name) for model, name in job.sources]
+        tensors = self._inputs(job)
         stats.tensors += 1
         stats.bytes_written += out.numel() * out.element_size()
         coefficients = method.coefficients(len(tensors), job.base_index, **job.params) if method.coefficients else None
@@ -277,7 +335,7 @@ class MergeEngine:
         stats.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
         work = tuple(t.to(self.compute_dtype) for t in tensors)
         deltas = None
-        if job.base_index is not None and self._deltas_ready(job.sources[job.base_index][0]):
+        if job.base_index is not None and not self._mapped(job.name) and self._deltas_ready(job.sources[job.base_index][0]):
             deltas = tuple(
                 self._delta(model, name).to(self.compute_dtype)
                 for i, (model, name) in enumerate(job.sources)
@@ -341,11 +399,18 @@ class MergeEngine:
     def release(self) -> None:
         """Frees the resident tensors (the engine is unusable afterwards)."""
         self.stacks.clear()
+        self.vocab_tensors.clear()
+        self._vocab_maps.clear()
         self._deltas.clear()
         self.workspace.clear()
         self._model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _vocabulary_text(setting: TokenizerSetting | None) -> str:
+    return "every source's own vocabulary (no tokenizer setting)" if setting is None else (
+        f"tokenizer {setting.model_dump(exclude_none=True)}")
 
 
 def _candidate_error(exc: BaseException) -> bool:

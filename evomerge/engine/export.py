@@ -3,7 +3,6 @@ model card embedding the recipe (plus mergekit_config.yml, so the folder reads l
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections import Counter
@@ -13,67 +12,33 @@ import torch.nn as nn
 
 from evomerge import __version__
 from evomerge.checkpoint import TOKENIZER_FILES, SourceModel
-from evomerge.errors import CheckpointError, OutputError, RecipeError
+from evomerge.engine.vocab import Vocabulary, load_tokenizer
+from evomerge.errors import OutputError
 from evomerge.paths import atomic_directory
 from evomerge.recipe import Recipe, chat_template_text
 
 log = logging.getLogger(__name__)
 
 
-def tokenizer_donor(recipe: Recipe, sources: dict[str, SourceModel]) -> SourceModel:
-    """The model whose tokenizer the checkpoint gets. Checked before any merge runs, so a refusal
-    never comes after the work."""
-    choice = recipe.tokenizer_source
-    default = sources[recipe.base_model or recipe.referenced_models()[0]]
-    if choice in (None, "base"):
-        return default
-    if choice == "union":
-        vocabularies = {ref: _vocab_signature(src) for ref, src in sources.items()}
-        if len(set(vocabularies.values())) > 1:
-            raise RecipeError(
-                "tokenizer_source: 'union' needs token surgery, which evomerge does not do yet: the sources' "
-                "vocabularies differ; pick one model's tokenizer"
-            )
-        return default
-    if choice in sources:
-        return sources[choice]
-    from evomerge.checkpoint import locate
-
-    outside = locate(choice)  # a model outside the recipe lends its tokenizer, as mergekit allows
-    if _vocab_signature(outside) != _vocab_signature(default):
-        raise RecipeError(
-            f"tokenizer_source: model '{choice}' is not one of the recipe's models and its vocabulary differs "
-            f"from theirs; evomerge does not map embedding rows to another vocabulary yet"
-        )
-    return outside
-
-
-def _vocab_signature(source: SourceModel) -> str:
-    """What makes two vocabularies the same: every token's id (normalisers, templates may differ)."""
-    path = source.path / "tokenizer.json"
-    if path.exists():
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
-        return json.dumps([spec.get("model", {}).get("vocab"), added], sort_keys=True)
-    return str(getattr(source.config, "vocab_size", ""))
-
-
-def _load_tokenizer(source: SourceModel):
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        return AutoTokenizer.from_pretrained(source.path, **kwargs)
-    except Exception as exc:
-        raise CheckpointError(f"model '{source.ref}': cannot load its tokenizer: {' '.join(str(exc).split())}") from None
-
-
-def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Path) -> None:
-    donor = tokenizer_donor(recipe, sources)
+def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Path,
+                   vocabulary: Vocabulary | None = None) -> None:
+    """The checkpoint's tokenizer: the output vocabulary's when the recipe has a tokenizer setting
+    (saved as mergekit saves it), else the base model's files; with the recipe's chat template."""
     template = chat_template_text(recipe.chat_template)
     if recipe.chat_template == "auto":
-        templates = [t for t in (_load_tokenizer(s).chat_template for s in sources.values()) if t]
+        templates = [t for t in (load_tokenizer(s).chat_template for s in sources.values()) if t]
         template = Counter(t.strip() for t in templates).most_common(1)[0][0] if templates else None
+    if vocabulary is not None:
+        tokenizer = vocabulary.tokenizer
+        kept = tokenizer.chat_template
+        try:
+            if template is not None:
+                tokenizer.chat_template = template
+            tokenizer.save_pretrained(out_dir)
+        finally:
+            tokenizer.chat_template = kept  # the engine's tokenizer (which evaluation uses) stays as it was
+        return
+    donor = sources[recipe.base_model or recipe.referenced_models()[0]]
     if donor.gguf_file is None and donor.tokenizer_dir() is None:
         log.warning("model '%s' has no tokenizer files; the merged checkpoint has none either", donor.ref)
         return
@@ -82,7 +47,7 @@ def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Pat
             if (donor.path / name).exists():
                 shutil.copy(donor.path / name, out_dir / name)
         return
-    tokenizer = _load_tokenizer(donor)
+    tokenizer = load_tokenizer(donor)
     if template is not None:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)
@@ -134,7 +99,8 @@ MERGE_MARKER = "mergekit_config.yml"  # every checkpoint evomerge (or mergekit) 
 
 
 def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path,
-                    card: str = "", gguf: list[str] | tuple[str, ...] = (), progress: bool = True) -> Path:
+                    card: str = "", gguf: list[str] | tuple[str, ...] = (), progress: bool = True,
+                    vocabulary: Vocabulary | None = None) -> Path:
     """Writes the checkpoint (and a `<name>-<TYPE>.gguf` for each of `gguf`) into a scratch folder
     beside OUT_DIR that replaces it only when complete: an interrupted or failed write leaves OUT_DIR
     as it was."""
@@ -146,7 +112,7 @@ def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceM
         if quantizer is not None:
             quantizer.remove_quantization_config(model)
         model.save_pretrained(scratch, safe_serialization=True)
-        save_tokenizer(recipe, sources, scratch)
+        save_tokenizer(recipe, sources, scratch, vocabulary)
         recipe.save(scratch / MERGE_MARKER)
         written = write_ggufs(scratch, list(gguf), out.name, progress=progress) if gguf else []
         (scratch / "README.md").write_text(model_card(recipe, out.name, card + gguf_card(written)), encoding="utf-8")

@@ -29,6 +29,7 @@ class Layout:
     layer_suffixes: tuple[str, ...]  # e.g. "self_attn.q_proj.weight"
     pre: tuple[str, ...]  # e.g. "model.embed_tokens.weight"
     post: tuple[str, ...]  # e.g. "model.norm.weight", "lm_head.weight" (untied)
+    vocab: tuple[str, ...] = ()  # the tensors with a row per token: input embeddings, LM head (untied)
 
     def layer_name(self, layer: int, suffix: str) -> str:
         return f"{self.layer_prefix}{layer}.{suffix}"
@@ -60,7 +61,10 @@ class Layout:
                     suffixes.append(match.group(2))
             else:
                 (post if seen_layer else pre).append(name)
-        return cls(prefix, tuple(suffixes), tuple(pre), tuple(post))
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+        vocab = tuple(dict.fromkeys(by_id[id(m.weight)] for m in embeddings if m is not None and id(m.weight) in by_id))
+        return cls(prefix, tuple(suffixes), tuple(pre), tuple(post), vocab)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Job:
     sources: tuple[tuple[str, str], ...]
     base_index: int | None
     params: dict[str, Any]
+    base_model: str | None = None  # the recipe's base here, even for a method that ignores it
 
 
 @dataclass(frozen=True)
@@ -192,4 +197,4 @@ def _job(
             own = [s.parameters for s in out_slice.sources if s.model == model]
             values.append(resolve(param, [*own, *shared_scopes], in_name, model))
         params[param.name] = tuple(values)
-    return Job(out_name, tuple(inputs), base_index, params)
+    return Job(out_name, tuple(inputs), base_index, params, base)

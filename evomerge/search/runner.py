@@ -95,6 +95,8 @@ def space_fingerprint(space: SearchSpace, *, by_path: bool = False) -> str:
                 "stacking": c.stacking.model_dump() if c.stacking else None,
                 "tasks": [t.model_dump() for t in c.tasks], "objective": c.objective, "seed": c.seed,
                 "dtype": c.dtype, "out_dtype": c.out_dtype}
+    if space.tokenizer is not None:  # only when set: studies made before tokenizer settings keep their fingerprint
+        relevant["tokenizer"] = space.tokenizer.renamed(named).model_dump(exclude_none=True)
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
 
 
@@ -158,10 +160,13 @@ class Searcher:
             build_family(device=self.device, progress=self.progress)  # no-op once built
         refs = list(dict.fromkeys([*([self.space.base] if self.space.base else []), *self.space.models.values()]))
         self.engine = MergeEngine(refs, base_model=self.space.base, device=self.device, dtype=config.dtype,
-                                  out_dtype=config.out_dtype, progress=self.progress)
-        donor = locate(self.space.base or refs[0])
-        kwargs = {"gguf_file": donor.gguf_file} if donor.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(donor.path, **kwargs)
+                                  out_dtype=config.out_dtype, tokenizer=self.space.tokenizer, progress=self.progress)
+        if self.engine.vocabulary is not None:  # candidates speak the output vocabulary
+            tokenizer = self.engine.vocabulary.tokenizer
+        else:
+            donor = locate(self.space.base or refs[0])
+            kwargs = {"gguf_file": donor.gguf_file} if donor.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(donor.path, **kwargs)
         self.evaluator = Evaluator(self.space.task_requests(), tokenizer, split="search", seed=config.seed,
                                    batch_size=config.batch_size)
 

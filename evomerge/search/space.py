@@ -23,7 +23,7 @@ from evomerge.errors import EvomergeError, SpaceError
 from evomerge.evaluation import METRICS, TASKS, TaskRequest, runs_generated_code
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
-from evomerge.recipe import Recipe, format_validation_error
+from evomerge.recipe import Recipe, TokenizerSetting, format_validation_error
 from evomerge.search.soup import SOUPS, check_method, soup_recipe
 from evomerge.trials import Dimension, check_study_name, dimension_name
 
@@ -111,6 +111,9 @@ class SpaceConfig(_Strict):
     device: str = "auto"
     dtype: Optional[str] = "bfloat16"
     out_dtype: Optional[str] = None
+    # The output vocabulary when the models' vocabularies differ, as in a recipe (mergekit's settings).
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSetting] = None
     batch_size: Union[Literal["auto"], int] = "auto"  # auto: largest that fits on a GPU, 8 on a CPU
     storage: Optional[str] = None
     pruning: Pruning = Field(default_factory=Pruning)
@@ -135,6 +138,8 @@ class SpaceConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SpaceConfig":
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("tokenizer: give tokenizer_source or a tokenizer block, not both")
         if self.sampler in SOUPS:  # a soup knows its own length
             problem = check_method(self.methods[0])
             if problem:
@@ -208,6 +213,11 @@ class SearchSpace:
             base = config.base_model
             # base_model may name an entry of `models` or be a path of its own
             self.base = None if base is None else self.models[base] if base in self.models else resolve(base)
+            # the tokenizer setting names models as base_model does: an entry of `models`, or a path
+            setting = config.tokenizer or (TokenizerSetting(source=config.tokenizer_source)
+                                           if config.tokenizer_source is not None else None)
+            self.tokenizer = None if setting is None else setting.renamed(
+                lambda ref: self.models[ref] if ref in self.models else resolve(ref))
         except EvomergeError as exc:
             raise SpaceError(f"{self._where}{exc}") from None
         self.name = config.name or (source.stem if source else "study")
@@ -347,9 +357,11 @@ class SearchSpace:
                                      self.source)
 
     def _common(self) -> dict[str, Any]:
-        common = {"dtype": self.config.dtype}
+        common: dict[str, Any] = {"dtype": self.config.dtype}
         if self.config.out_dtype:
             common["out_dtype"] = self.config.out_dtype
+        if self.tokenizer is not None:
+            common["tokenizer"] = self.tokenizer.model_dump(exclude_none=True)
         return common
 
     def soup_recipe(self, members: list[str]) -> Recipe:
