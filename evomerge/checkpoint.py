@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -67,12 +68,8 @@ class SourceModel:
             raise CheckpointError(f"model '{self.ref}': config has no num_hidden_layers")
         return layers
 
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]] | None:
-        """Names and shapes from the safetensors headers (no data read); None for other kinds."""
-        if self.kind != "safetensors":
-            return None
+    def _header_shapes(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:
-
             shapes: dict[str, tuple[int, ...]] = {}
             for file in self.files:
                 with _open_safetensors(file, self.ref) as handle:
@@ -81,11 +78,31 @@ class SourceModel:
             self._shapes = shapes
         return self._shapes
 
+    @cached_property
+    def converted(self) -> bool:
+        """Whether transformers converts this checkpoint's tensors on load: Mixtral stores each expert
+        as `block_sparse_moe.experts.E.w1.weight`, which transformers 5 fuses into one parameter per
+        layer, and merges (as mergekit 0.1.5 does) run on the fused parameters. Such checkpoints are
+        read through transformers, which applies its own conversion."""
+        if self.kind != "safetensors":
+            return False
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        rules = get_checkpoint_conversion_mapping(getattr(self.config, "model_type", "")) or []
+        return any(rule.rename_source_key(name)[1] is not None for rule in rules for name in self._header_shapes())
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Names and shapes from the safetensors headers (no data read); None for other kinds, and
+        for checkpoints transformers converts on load (checked when loaded)."""
+        if self.kind != "safetensors" or self.converted:
+            return None
+        return self._header_shapes()
+
     def iter_tensors(
         self, names: set[str], dtype: torch.dtype, device: torch.device
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) for the requested names, one tensor in memory at a time."""
-        if self.kind == "safetensors" and self.adapter is None:
+        if self.kind == "safetensors" and self.adapter is None and not self.converted:
             for file in self.files:
                 with _open_safetensors(file, self.ref) as handle:
                     for name in handle.keys():

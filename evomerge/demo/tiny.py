@@ -143,3 +143,34 @@ def with_added_tokens(source: str | Path, out_dir: str | Path, tokens: list[str]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_tiny_moe_family(out_dir: str | Path, *, model_type: str = "mixtral", seed: int = 0,
+                          layers: int = 2, experts: int = 3) -> dict[str, Path]:
+    """A tiny mixture-of-experts family (base + FINETUNES) of `model_type` ("mixtral", "qwen3_moe"),
+    saved as transformers saves it: each expert a tensor of its own (Mixtral's
+    `block_sparse_moe.experts.E.w1.weight`), as published checkpoints are."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    shape = tiny_config(len(tokenizer), layers=layers, hidden=32).to_dict()
+    shape = {k: shape[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "max_position_embeddings")}
+    moe = {"mixtral": {"num_local_experts": experts, "num_experts_per_tok": 2, "intermediate_size": 48},
+           "qwen3_moe": {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                         "intermediate_size": 48, "head_dim": 8}}[model_type]
+    config = AutoConfig.for_model(model_type, **shape, **moe, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    out = Path(out_dir)
+    paths = {"base": out / "base"}
+    base.save_pretrained(paths["base"])
+    tokenizer.save_pretrained(paths["base"])
+    generator = torch.Generator().manual_seed(seed + 1)
+    for index, name in enumerate(FINETUNES):
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(synthetic_finetune(base.state_dict(), index, generator))
+        paths[name] = out / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
