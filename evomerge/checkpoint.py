@@ -68,6 +68,24 @@ class SourceModel:
             raise CheckpointError(f"model '{self.ref}': config has no num_hidden_layers")
         return layers
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of its embedding (its config's vocab_size)."""
+        rows = getattr(self.config, "vocab_size", None)
+        if not isinstance(rows, int):
+            raise CheckpointError(f"model '{self.ref}': config has no vocab_size")
+        return rows
+
+    def tokenizer(self):
+        """Its tokenizer (from the folder, or from the GGUF file)."""
+        from transformers import AutoTokenizer
+
+        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        try:
+            return AutoTokenizer.from_pretrained(self.path, **kwargs)
+        except Exception as exc:  # transformers raises many types for a broken tokenizer
+            raise CheckpointError(f"model '{self.ref}': cannot load its tokenizer: {_one_line(exc)}") from None
+
     def _header_shapes(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:
             shapes: dict[str, tuple[int, ...]] = {}

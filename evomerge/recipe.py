@@ -225,6 +225,9 @@ class TokenSetting(_Strict):
         return self
 
 
+VOCABULARY_KINDS = ("union", "base")  # tokenizer sources that are not a model
+
+
 class TokenizerSetting(_Strict):
     """mergekit's `tokenizer:` block: the output vocabulary, per-token embedding sources, padding."""
 
@@ -232,17 +235,10 @@ class TokenizerSetting(_Strict):
     tokens: Optional[dict[str, TokenSetting]] = None
     pad_to_multiple_of: Optional[int] = Field(None, ge=1)
 
-    def models(self) -> list[str]:
-        """The models this setting names (its source and its tokens' sources)."""
-        named = [] if self.source in ("union", "base") else [self.source]
-        for token in (self.tokens or {}).values():
-            source = token.source
-            named += [source] if isinstance(source, str) else [source.model] if isinstance(source, ModelToken) else []
-        return named
-
     def renamed(self, rename: Callable[[str], str]) -> "TokenizerSetting":
+        """The same setting with the models it names passed through `rename`."""
         data = self.model_dump(exclude_none=True)
-        if self.source not in ("union", "base"):
+        if self.source not in VOCABULARY_KINDS:
             data["source"] = rename(self.source)
         for token in (data.get("tokens") or {}).values():
             if isinstance(token.get("source"), str):
@@ -250,6 +246,14 @@ class TokenizerSetting(_Strict):
             elif isinstance(token.get("source"), dict) and "model" in token["source"]:
                 token["source"]["model"] = rename(token["source"]["model"])
         return TokenizerSetting.model_validate(data)
+
+
+def tokenizer_setting(source: Optional[str], block: Optional[TokenizerSetting]) -> Optional[TokenizerSetting]:
+    """What `tokenizer_source: X` or a `tokenizer:` block asks for (`tokenizer_source: X` is
+    `tokenizer: {source: X}`), as recipes and space.yaml write them; None when neither is given."""
+    if source is not None and block is not None:
+        raise ValueError("tokenizer: give tokenizer_source or a tokenizer block, not both (as mergekit)")
+    return block if source is None else TokenizerSetting(source=source)
 
 
 class Recipe(_Strict):
@@ -293,8 +297,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _structure(self) -> "Recipe":
-        if self.tokenizer_source is not None and self.tokenizer is not None:
-            raise ValueError("tokenizer: give tokenizer_source or a tokenizer block, not both (as mergekit)")
+        self.vocabulary()  # not both forms
         if bool(self.models) == bool(self.slices):
             raise ValueError("exactly one of 'models' or 'slices' must be given")
         method = registry.get(self.merge_method)
@@ -340,11 +343,7 @@ class Recipe(_Strict):
     def vocabulary(self) -> Optional[TokenizerSetting]:
         """The output vocabulary the recipe asks for (`tokenizer_source: X` is `tokenizer: {source: X}`),
         or None: the base model's tokenizer, every vocabulary equal."""
-        if self.tokenizer is not None:
-            return self.tokenizer
-        if self.tokenizer_source is not None:
-            return TokenizerSetting(source=self.tokenizer_source)
-        return None
+        return tokenizer_setting(self.tokenizer_source, self.tokenizer)
 
     def unknown_parameters(self) -> list[str]:
         method = registry.get(self.merge_method)
@@ -375,7 +374,7 @@ class Recipe(_Strict):
             for key in ("model", "base_model"):
                 if isinstance(holder.get(key), str):
                     holder[key] = rename(holder[key])
-        if self.tokenizer_source not in (None, "union", "base"):
+        if self.tokenizer_source not in (None, *VOCABULARY_KINDS):
             data["tokenizer_source"] = rename(self.tokenizer_source)
         if self.tokenizer is not None:
             data["tokenizer"] = self.tokenizer.renamed(rename).model_dump(exclude_none=True)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from evomerge.checkpoint import SourceModel, locate
 from evomerge.device import available_bytes, dtype_name, parse_dtype, resolve_device
 from evomerge.engine.plan import Job, Layout, Plan, plan_recipe
-from evomerge.engine.vocab import Vocabulary, build_vocabulary, vocab_rows
+from evomerge.engine.vocab import Vocabulary, build_vocabulary
 from evomerge.errors import ArchitectureMismatch, MergeFailure, RecipeError
 from evomerge.methods.kernels import Workspace, accumulation_dtype, weighted_sum
 from evomerge.methods.registry import Inputs
@@ -167,7 +167,7 @@ class MergeEngine:
         """The shape tensor `name` has in source `ref`: the output's, but for the rows of a mapped
         vocabulary tensor, which are the source's own tokens."""
         if self._mapped(name):
-            return (vocab_rows(self.sources[ref]), *self.shapes[name][1:])
+            return (self.sources[ref].vocab_size, *self.shapes[name][1:])
         return self.shapes[name]
 
     def _load(self) -> None:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from evomerge import __version__
 from evomerge.checkpoint import TOKENIZER_FILES, SourceModel
-from evomerge.engine.vocab import Vocabulary, load_tokenizer
+from evomerge.engine.vocab import Vocabulary
 from evomerge.errors import OutputError
 from evomerge.paths import atomic_directory
 from evomerge.recipe import Recipe, chat_template_text
@@ -26,7 +26,7 @@ def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Pat
     (saved as mergekit saves it), else the base model's files; with the recipe's chat template."""
     template = chat_template_text(recipe.chat_template)
     if recipe.chat_template == "auto":
-        templates = [t for t in (load_tokenizer(s).chat_template for s in sources.values()) if t]
+        templates = [t for t in (s.tokenizer().chat_template for s in sources.values()) if t]
         template = Counter(t.strip() for t in templates).most_common(1)[0][0] if templates else None
     if vocabulary is not None:
         tokenizer = vocabulary.tokenizer
@@ -47,7 +47,7 @@ def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Pat
             if (donor.path / name).exists():
                 shutil.copy(donor.path / name, out_dir / name)
         return
-    tokenizer = load_tokenizer(donor)
+    tokenizer = donor.tokenizer()
     if template is not None:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)

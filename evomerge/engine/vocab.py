@@ -28,27 +28,10 @@ from typing import Any
 import torch
 
 from evomerge.checkpoint import SourceModel, locate
-from evomerge.errors import ArchitectureMismatch, CheckpointError, RecipeError
+from evomerge.errors import CheckpointError, RecipeError
 from evomerge.recipe import ModelToken, TokenizerSetting, TokenSetting, ZeroToken
 
 log = logging.getLogger(__name__)
-
-
-def load_tokenizer(source: SourceModel):
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        return AutoTokenizer.from_pretrained(source.path, **kwargs)
-    except Exception as exc:
-        raise CheckpointError(f"model '{source.ref}': cannot load its tokenizer: {' '.join(str(exc).split())}") from None
-
-
-def vocab_rows(source: SourceModel) -> int:
-    rows = getattr(source.config, "vocab_size", None)
-    if not isinstance(rows, int):
-        raise CheckpointError(f"model '{source.ref}': config has no vocab_size")
-    return rows
 
 
 @dataclass
@@ -72,27 +55,21 @@ class Vocabulary:
         """Each model's vocabulary tensor (rows = its tokens) mapped onto the output vocabulary, in
         the order of `tensors` (the order the tensor's merge lists its models); `base`: the recipe's
         base model here, whose rows fill the tokens other models lack."""
-        models = list(tensors)
-        for model in models[1:]:
-            if tensors[model].shape[1:] != tensors[models[0]].shape[1:]:
-                raise ArchitectureMismatch(
-                    f"model '{model}': tensor '{name}' has shape {list(tensors[model].shape)}, expected "
-                    f"[*, {', '.join(map(str, tensors[models[0]].shape[1:]))}]")
-        dtype = tensors[models[0]].dtype
-        for tensor in tensors.values():
-            dtype = torch.promote_types(dtype, tensor.dtype)
+        models = list(tensors)  # the engine holds them in one dtype, each with the output's row shape
         first = tensors[models[0]]
-        device, shape, count = first.device, first.shape[1:], len(self.ids)
+        dtype, device, shape, count = first.dtype, first.device, first.shape[1:], len(self.ids)
         present = torch.stack([self.index[m] >= 0 for m in models])  # [models, tokens], on the CPU
         settings = {t: s for t, s in (self.setting.tokens or {}).items() if s.source is not None}
         averaged = self._assign(models, present, settings, base)
 
         defaults: dict[int, torch.Tensor] = {}  # output id -> the row that models lacking it (or forced) get
+        forced = torch.zeros(count, dtype=torch.bool)
         lacking = ~present.all(dim=0)
         for token, setting in settings.items():
             token_id = self.ids[token]
+            forced[token_id] = setting.force
             if lacking[token_id] or setting.force:
-                defaults[token_id] = self._default(name, token, token_id, setting, tensors).to(dtype)
+                defaults[token_id] = self._default(name, token, token_id, setting, tensors)
         if averaged:
             ids = torch.tensor(sorted(averaged))
             total = torch.zeros((len(ids), *shape), dtype=dtype, device=device)
@@ -100,16 +77,13 @@ class Vocabulary:
                 has = present[m, ids]
                 rows = self.index[model][ids[has]].to(device)
                 has = has.to(device)
-                total[has] = total[has] + tensors[model][rows].to(dtype)
+                total[has] = total[has] + tensors[model][rows]
             have = present[:, ids].sum(dim=0).to(device)
             for n in have.unique().tolist():  # divided by a Python int, as mergekit's `embed /= count`
                 group = have == n
                 total[group] /= n
             defaults.update({int(i): total[k] for k, i in enumerate(ids)})
 
-        forced = torch.zeros(count, dtype=torch.bool)
-        for token, setting in settings.items():
-            forced[self.ids[token]] = setting.force
         default_ids = torch.tensor(sorted(defaults), dtype=torch.long)
         default_rows = torch.stack([defaults[int(i)] for i in default_ids]) if len(default_ids) else None
         out = []
@@ -117,7 +91,7 @@ class Vocabulary:
             own = present[m] & ~forced
             mapped = torch.zeros((self.size, *shape), dtype=dtype, device=device)
             ids = own.nonzero().squeeze(1)
-            mapped[ids.to(device)] = tensors[model][self.index[model][ids].to(device)].to(dtype)
+            mapped[ids.to(device)] = tensors[model][self.index[model][ids].to(device)]
             unfilled = ~own
             if default_rows is not None:
                 take = unfilled[default_ids]
@@ -190,7 +164,7 @@ def build_vocabulary(setting: TokenizerSetting, sources: dict[str, SourceModel],
         if ref == base:
             continue
         try:
-            tokenizers[ref] = load_tokenizer(source)
+            tokenizers[ref] = source.tokenizer()
         except CheckpointError as exc:
             log.warning("%s; taking its vocabulary to be the base model's, as mergekit does", exc)
     if setting.source == "base":
@@ -198,16 +172,22 @@ def build_vocabulary(setting: TokenizerSetting, sources: dict[str, SourceModel],
     elif setting.source == "union":
         out = _union(tokenizers, sources, base)
     elif setting.source in sources:
-        out = load_tokenizer(sources[setting.source])
+        out = sources[setting.source].tokenizer()
     else:
-        out = load_tokenizer(locate(setting.source))  # a model outside the recipe lends its tokenizer
-    _check_tokens(setting, sources, {ref: t.get_vocab() for ref, t in tokenizers.items()})
+        out = locate(setting.source).tokenizer()  # a model outside the recipe lends its tokenizer
+    for ref in sources:  # as mergekit assumes, a model whose tokenizer does not load has the base's
+        tokenizers.setdefault(ref, tokenizers[base])
+    vocabs = {ref: tokenizer.get_vocab() for ref, tokenizer in tokenizers.items()}
+    _check_tokens(setting, sources, vocabs)
     present = set(out.get_vocab())
     for token in setting.tokens or {}:
         if token not in present:
             out.add_tokens(token)
             present.add(token)
     ids = out.get_vocab()
+    for ref, tokenizer in tokenizers.items():  # `source: base`: the base's tokenizer is the output's, tokens added
+        if tokenizer is out:
+            vocabs[ref] = ids
     if sorted(ids.values()) != list(range(len(ids))):
         raise RecipeError(f"tokenizer: the output tokenizer ({setting.source}) has gaps in its token ids")
     size = len(ids)
@@ -215,15 +195,14 @@ def build_vocabulary(setting: TokenizerSetting, sources: dict[str, SourceModel],
         size += setting.pad_to_multiple_of - size % setting.pad_to_multiple_of
     index = {}
     for ref, source in sources.items():
-        own = (tokenizers.get(ref) or tokenizers[base]).get_vocab()
-        rows = vocab_rows(source)
+        own, rows = vocabs[ref], source.vocab_size
         column = torch.full((len(ids),), -1, dtype=torch.long)
         for token, token_id in ids.items():
             row = own.get(token)
             if row is not None and row < rows:  # ids past the model's rows: a padding id, not a row
                 column[token_id] = row
         index[ref] = column
-    vocabulary = Vocabulary(setting, out, ids, size, index, {ref: t.get_vocab() for ref, t in tokenizers.items()})
+    vocabulary = Vocabulary(setting, out, ids, size, index, vocabs)
     log.info("output vocabulary: %s", vocabulary.describe())
     return vocabulary
 
@@ -239,18 +218,18 @@ def _check_tokens(setting: TokenizerSetting, sources: dict[str, SourceModel], vo
             raise RecipeError(f"tokenizer.tokens.{token}: takes its row from model '{model}', which is not one of "
                               "the recipe's models")
         if isinstance(source, ModelToken):
-            if source.token is not None and source.token not in vocabs.get(model, vocabs[next(iter(vocabs))]):
+            if source.token is not None and source.token not in vocabs[model]:
                 raise RecipeError(f"tokenizer.tokens.{token}: model '{model}' has no token {source.token!r}")
-            if source.token_id is not None and source.token_id >= vocab_rows(sources[model]):
+            if source.token_id is not None and source.token_id >= sources[model].vocab_size:
                 raise RecipeError(f"tokenizer.tokens.{token}: token_id {source.token_id} is past model '{model}''s "
-                                  f"{vocab_rows(sources[model])} rows")
+                                  f"{sources[model].vocab_size} rows")
 
 
 def _base_tokenizer(source: SourceModel):
     """The base's tokenizer, which must not name rows the model does not have (mergekit strips such
     tokens from BPE tokenizers; evomerge asks for a tokenizer that fits the model instead)."""
-    tokenizer = load_tokenizer(source)
-    rows = vocab_rows(source)
+    tokenizer = source.tokenizer()
+    rows = source.vocab_size
     beyond = sorted(i for i in tokenizer.get_vocab().values() if i >= rows)
     if beyond:
         raise CheckpointError(f"model '{source.ref}': its tokenizer has {len(beyond)} token(s) with ids from {beyond[0]} "
@@ -266,7 +245,7 @@ def _union(tokenizers: dict[str, Any], sources: dict[str, SourceModel], base: st
     regular: dict[str, None] = {}
     added: dict[str, Any] = {}
     for ref, tokenizer in tokenizers.items():
-        rows = vocab_rows(sources[ref])
+        rows = sources[ref].vocab_size
         decoder = {i: info for i, info in tokenizer.added_tokens_decoder.items() if i < rows}
         special = {info.content for info in decoder.values()}
         for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):

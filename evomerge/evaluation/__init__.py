@@ -10,7 +10,7 @@ __all__ = ["METRICS", "TASKS", "Evaluator", "Scores", "TaskRequest", "load_model
 
 def load_model(ref: str, *, device: str = "auto", dtype: str | None = None):
     """(model, tokenizer) from a recipe-style reference: directory, .gguf file or cached hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from evomerge.checkpoint import locate
     from evomerge.device import parse_dtype, resolve_device
@@ -20,5 +20,4 @@ def load_model(ref: str, *, device: str = "auto", dtype: str | None = None):
     torch_dtype = parse_dtype(dtype) or source.stored_dtype()
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     model.to(resolve_device(device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    return model, tokenizer
+    return model, source.tokenizer()

@@ -149,10 +149,6 @@ class Searcher:
 
     def load(self) -> None:
         """Sources resident on the device, tokenizer and evaluator: once per worker."""
-        from transformers import AutoTokenizer
-
-        from evomerge.checkpoint import locate
-
         config = self.space.config
         if self.space.uses_demo_family:
             from evomerge.demo.family import build_family
@@ -161,12 +157,9 @@ class Searcher:
         refs = list(dict.fromkeys([*([self.space.base] if self.space.base else []), *self.space.models.values()]))
         self.engine = MergeEngine(refs, base_model=self.space.base, device=self.device, dtype=config.dtype,
                                   out_dtype=config.out_dtype, tokenizer=self.space.tokenizer, progress=self.progress)
-        if self.engine.vocabulary is not None:  # candidates speak the output vocabulary
-            tokenizer = self.engine.vocabulary.tokenizer
-        else:
-            donor = locate(self.space.base or refs[0])
-            kwargs = {"gguf_file": donor.gguf_file} if donor.gguf_file else {}
-            tokenizer = AutoTokenizer.from_pretrained(donor.path, **kwargs)
+        # candidates speak the output vocabulary when there is one, else the base's
+        vocabulary = self.engine.vocabulary
+        tokenizer = vocabulary.tokenizer if vocabulary else self.engine.sources[self.engine.reference].tokenizer()
         self.evaluator = Evaluator(self.space.task_requests(), tokenizer, split="search", seed=config.seed,
                                    batch_size=config.batch_size)
 

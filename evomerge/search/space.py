@@ -23,7 +23,7 @@ from evomerge.errors import EvomergeError, SpaceError
 from evomerge.evaluation import METRICS, TASKS, TaskRequest, runs_generated_code
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
-from evomerge.recipe import Recipe, TokenizerSetting, format_validation_error
+from evomerge.recipe import Recipe, TokenizerSetting, format_validation_error, tokenizer_setting
 from evomerge.search.soup import SOUPS, check_method, soup_recipe
 from evomerge.trials import Dimension, check_study_name, dimension_name
 
@@ -138,8 +138,7 @@ class SpaceConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SpaceConfig":
-        if self.tokenizer_source is not None and self.tokenizer is not None:
-            raise ValueError("tokenizer: give tokenizer_source or a tokenizer block, not both")
+        tokenizer_setting(self.tokenizer_source, self.tokenizer)  # not both forms
         if self.sampler in SOUPS:  # a soup knows its own length
             problem = check_method(self.methods[0])
             if problem:
@@ -214,8 +213,7 @@ class SearchSpace:
             # base_model may name an entry of `models` or be a path of its own
             self.base = None if base is None else self.models[base] if base in self.models else resolve(base)
             # the tokenizer setting names models as base_model does: an entry of `models`, or a path
-            setting = config.tokenizer or (TokenizerSetting(source=config.tokenizer_source)
-                                           if config.tokenizer_source is not None else None)
+            setting = tokenizer_setting(config.tokenizer_source, config.tokenizer)
             self.tokenizer = None if setting is None else setting.renamed(
                 lambda ref: self.models[ref] if ref in self.models else resolve(ref))
         except EvomergeError as exc:
