@@ -61,20 +61,20 @@ class SourceModel:
                 raise CheckpointError(f"model '{self.ref}': cannot read its config: {_one_line(exc)}") from None
         return self._config
 
+    def _config_int(self, key: str) -> int:
+        value = getattr(self.config, key, None)
+        if not isinstance(value, int):
+            raise CheckpointError(f"model '{self.ref}': config has no {key}")
+        return value
+
     @property
     def num_layers(self) -> int:
-        layers = getattr(self.config, "num_hidden_layers", None)
-        if not isinstance(layers, int):
-            raise CheckpointError(f"model '{self.ref}': config has no num_hidden_layers")
-        return layers
+        return self._config_int("num_hidden_layers")
 
     @property
     def vocab_size(self) -> int:
         """Rows of its embedding (its config's vocab_size)."""
-        rows = getattr(self.config, "vocab_size", None)
-        if not isinstance(rows, int):
-            raise CheckpointError(f"model '{self.ref}': config has no vocab_size")
-        return rows
+        return self._config_int("vocab_size")
 
     def tokenizer(self):
         """Its tokenizer (from the folder, or from the GGUF file)."""
