@@ -29,7 +29,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         log.warning("%s: not a parameter of %s; ignored (as mergekit does)", unknown, recipe.merge_method)
     out = merge_to_checkpoint(
         recipe, args.out_dir, device=args.device, seed=args.seed, allow_bin=args.allow_bin,
-        progress=not args.quiet, gguf=args.gguf,
+        progress=not args.quiet, gguf=args.gguf, mergekit_exact=args.mergekit_exact,
     )
     print(f"merged model written to {out}")
     return 0
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
     merge.add_argument("--strict", action="store_true",
                        help="refuse keys and parameters mergekit would silently ignore (default: warn and drop them)")
+    merge.add_argument("--mergekit-exact", action="store_true",
+                       help="merge with mergekit 0.1.5's arithmetic (in the recipe's dtype, its tie-breaking): the tensors "
+                            "mergekit-yaml writes, bit for bit (default: float32 accumulation, one rounding)")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _gguf_option(merge)
     merge.set_defaults(func=_cmd_merge)

@@ -22,9 +22,11 @@ def merge_to_checkpoint(
     progress: bool = True,
     card: str = "",
     gguf: list[str] | tuple[str, ...] = (),
+    mergekit_exact: bool = False,
 ) -> Path:
     """`mergekit-yaml` equivalent: merge a recipe and write a Hugging Face checkpoint (`card`: more
-    Markdown for its model card; `gguf`: GGUF types to write beside it, checked before merging)."""
+    Markdown for its model card; `gguf`: GGUF types to write beside it, checked before merging;
+    `mergekit_exact`: mergekit 0.1.5's arithmetic, so the tensors are mergekit's bit for bit)."""
     from evomerge.engine.gguf import check_config, check_types
 
     gguf = check_types(gguf)
@@ -38,8 +40,13 @@ def merge_to_checkpoint(
         allow_bin=allow_bin,
         delta_cache=False,  # one recipe: caching task vectors would only cost memory
         tokenizer=recipe.vocabulary(),  # the output vocabulary, built (or refused) before anything is merged
+        mergekit_exact=mergekit_exact,
         progress=progress,
     )
+    if mergekit_exact:
+        card = ("\nMerged with mergekit 0.1.5's arithmetic (`--mergekit-exact`): the tensors mergekit-yaml "
+                "writes for this recipe" + (", but for the random draws" if engine.plan(recipe).method.random else "")
+                + ".\n" + card)
     if gguf:
         check_config(engine.sources[recipe.base_model or recipe.referenced_models()[0]].config, "the merged model")
     model = engine.materialize(recipe, seed=seed, progress=progress)

@@ -60,6 +60,9 @@ class MergeEngine:
                  (when they fit in the free memory of the device, with a 25% margin)
     tokenizer: the recipes' tokenizer setting (mergekit's `tokenizer:` block): every source's
                embedding and LM-head rows are mapped onto its output vocabulary
+    mergekit_exact: merge with mergekit 0.1.5's arithmetic (evomerge.methods.exact): in `dtype`,
+               operation for operation, so a published recipe gives mergekit's tensors bit for bit;
+               no fused weighted sums and no task-vector cache
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class MergeEngine:
         allow_bin: bool = False,
         delta_cache: bool | str = "auto",
         tokenizer: TokenizerSetting | None = None,
+        mergekit_exact: bool = False,
         progress: bool = True,
     ):
         refs = list(dict.fromkeys(models))
@@ -88,9 +92,11 @@ class MergeEngine:
         reference = self.sources[self.reference]
         self.dtype = parse_dtype(dtype) or reference.stored_dtype()
         self.out_dtype = parse_dtype(out_dtype, field="out_dtype") or self.dtype
-        # Merge arithmetic runs in float32 (float64 stays float64): half precision loses the small deltas.
-        self.compute_dtype = accumulation_dtype(self.dtype)
-        self.delta_cache_mode = delta_cache
+        # Merge arithmetic runs in float32 (float64 stays float64): half precision loses the small deltas;
+        # mergekit-exact merges compute as mergekit does, in the sources' dtype.
+        self.mergekit_exact = mergekit_exact
+        self.compute_dtype = self.dtype if mergekit_exact else accumulation_dtype(self.dtype)
+        self.delta_cache_mode = False if mergekit_exact else delta_cache
         self.tokenizer_setting = tokenizer
         self.vocabulary: Vocabulary | None = (
             build_vocabulary(tokenizer, self.sources, self.reference) if tokenizer is not None else None)
@@ -326,7 +332,9 @@ class MergeEngine:
         tensors = self._inputs(job)
         stats.tensors += 1
         stats.bytes_written += out.numel() * out.element_size()
-        coefficients = method.coefficients(len(tensors), job.base_index, **job.params) if method.coefficients else None
+        coefficients = None
+        if method.coefficients and not self.mergekit_exact:
+            coefficients = method.coefficients(len(tensors), job.base_index, **job.params)
         if coefficients is not None:
             stats.fused += 1
             stats.bytes_read += sum(t.numel() * t.element_size() for t, c in zip(tensors, coefficients) if c != 0)
@@ -346,7 +354,7 @@ class MergeEngine:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(tensor_seed(seed, job.name))
         inputs = Inputs(work, job.base_index, deltas, out=out, workspace=self.workspace)
-        result = method(inputs, generator=generator, **job.params)
+        result = method(inputs, generator=generator, exact=self.mergekit_exact, **job.params)
         if result.shape != out.shape:
             raise MergeFailure(
                 f"{method.name} returned shape {list(result.shape)} for tensor {job.name}, expected {list(out.shape)}"

@@ -26,5 +26,6 @@ from evomerge.methods import (  # noqa: E402,F401  (isort: skip) registers every
     spherical,
     task_arithmetic,
 )
+from evomerge.methods import exact  # noqa: E402,F401  (isort: skip) mergekit's arithmetic, after the methods
 
 __all__ = ["BasePolicy", "Inputs", "MergeMethod", "Param", "Scope", "Search", "get", "names"]

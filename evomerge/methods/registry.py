@@ -185,6 +185,9 @@ class MergeMethod:
     constrain: ConstrainFn | None = None
     reference: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
+    # mergekit 0.1.5's own arithmetic for this method (evomerge.methods.exact), called with the same
+    # arguments when a merge must reproduce mergekit bit for bit; None: `fn` already is.
+    exact: MergeFn | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -219,11 +222,14 @@ class MergeMethod:
             return f"{where}: merge_method '{self.name}' takes at most {self.max_non_base} non-base models, got {non_base}"
         return None
 
-    def __call__(self, inputs: Inputs, generator: torch.Generator | None = None, **params: Any) -> torch.Tensor:
+    def __call__(self, inputs: Inputs, generator: torch.Generator | None = None, *, exact: bool = False,
+                 **params: Any) -> torch.Tensor:
+        """Merges one tensor; `exact`: with mergekit's arithmetic (inputs in the recipe's dtype)."""
         arguments = {p.arg or p.name: params.pop(p.name) for p in self.params if p.arg and p.name in params}
         if self.random:
             arguments["generator"] = generator
-        return self.fn(inputs, **self.options, **params, **arguments)
+        fn = self.exact if exact and self.exact is not None else self.fn
+        return fn(inputs, **self.options, **params, **arguments)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -241,6 +247,16 @@ def get(name: str) -> MergeMethod:
         return _REGISTRY[name]
     except KeyError:
         raise KeyError(name) from None
+
+
+def attach_exact(name: str) -> Callable[[MergeFn], MergeFn]:
+    """Registers `fn` as method `name`'s mergekit-exact arithmetic (see evomerge.methods.exact)."""
+
+    def decorate(fn: MergeFn) -> MergeFn:
+        _REGISTRY[name] = replace(get(name), exact=fn)
+        return fn
+
+    return decorate
 
 
 def names() -> list[str]:

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
 from evomerge.search import storage as store
-from evomerge.trials import TrialRecord
+from evomerge.trials import STUDY_SPACE, TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = 
     _summary, study = store.open_results(folder, "RESULTS_DIR")
     record = chosen_trial(study, trial)
     recipe = resolve_members(Recipe.from_yaml(record.recipe), device=device, progress=progress)
-    log.info("exporting trial %d (%s) to %s", record.number, record.label, out_dir)
+    exact = bool(study.user_attrs.get(STUDY_SPACE, {}).get("mergekit_exact"))  # merged as the search scored it
+    log.info("exporting trial %d (%s) to %s%s", record.number, record.label, out_dir,
+             " with mergekit's arithmetic" if exact else "")
     return merge_to_checkpoint(recipe, out_dir, device=device, seed=record.seed or 0, progress=progress,
-                               card=card(folder, record), gguf=gguf)
+                               card=card(folder, record), gguf=gguf, mergekit_exact=exact)

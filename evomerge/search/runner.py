@@ -97,6 +97,8 @@ def space_fingerprint(space: SearchSpace, *, by_path: bool = False) -> str:
                 "dtype": c.dtype, "out_dtype": c.out_dtype}
     if space.tokenizer is not None:  # only when set: studies made before tokenizer settings keep their fingerprint
         relevant["tokenizer"] = space.tokenizer.renamed(named).model_dump(exclude_none=True)
+    if c.mergekit_exact:  # likewise
+        relevant["mergekit_exact"] = True
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
 
 
@@ -156,7 +158,8 @@ class Searcher:
             build_family(device=self.device, progress=self.progress)  # no-op once built
         refs = list(dict.fromkeys([*([self.space.base] if self.space.base else []), *self.space.models.values()]))
         self.engine = MergeEngine(refs, base_model=self.space.base, device=self.device, dtype=config.dtype,
-                                  out_dtype=config.out_dtype, tokenizer=self.space.tokenizer, progress=self.progress)
+                                  out_dtype=config.out_dtype, tokenizer=self.space.tokenizer,
+                                  mergekit_exact=config.mergekit_exact, progress=self.progress)
         # candidates speak the output vocabulary when there is one, else the base's
         vocabulary = self.engine.vocabulary
         tokenizer = vocabulary.tokenizer if vocabulary else self.engine.sources[self.engine.reference].tokenizer()

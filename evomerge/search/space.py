@@ -114,6 +114,9 @@ class SpaceConfig(_Strict):
     # The output vocabulary when the models' vocabularies differ, as in a recipe (mergekit's settings).
     tokenizer_source: Optional[str] = None
     tokenizer: Optional[TokenizerSetting] = None
+    # Candidates merged with mergekit 0.1.5's arithmetic (in `dtype`, its tie-breaking): what
+    # `evomerge merge --mergekit-exact` and mergekit-yaml give for the trial's recipe, bit for bit.
+    mergekit_exact: bool = False
     batch_size: Union[Literal["auto"], int] = "auto"  # auto: largest that fits on a GPU, 8 on a CPU
     storage: Optional[str] = None
     pruning: Pruning = Field(default_factory=Pruning)
