@@ -13,6 +13,7 @@ Precedence (highest first): the source's own parameters, the slice's, the recipe
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -137,6 +138,43 @@ def _check_parameters(value: Parameters) -> Parameters:
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
     return out
+
+
+def _ignored_condition_keys(data: dict, source: str, strict: bool) -> dict:
+    """Keys of a conditional setting other than `filter` and `value` (`pattern:`, an old spelling of
+    `filter:` in mergekit's own examples): mergekit ignores them, so the entry applies to every
+    tensor. Dropped with a warning that says so, or refused when `strict`."""
+
+    def scopes():
+        yield "parameters", data.get("parameters")
+        for i, entry in enumerate(data.get("models") or []):
+            if isinstance(entry, dict):
+                yield f"models.{i}.parameters", entry.get("parameters")
+        for i, out_slice in enumerate(data.get("slices") or []):
+            if isinstance(out_slice, dict):
+                yield f"slices.{i}.parameters", out_slice.get("parameters")
+                for j, entry in enumerate(out_slice.get("sources") or []):
+                    if isinstance(entry, dict):
+                        yield f"slices.{i}.sources.{j}.parameters", entry.get("parameters")
+
+    data = copy.deepcopy(data)
+    for where, params in scopes():
+        for name, setting in (params.items() if isinstance(params, dict) else ()):
+            items = setting if isinstance(setting, list) else [setting]
+            for k, item in enumerate(items):
+                if not (isinstance(item, dict) and "value" in item):
+                    continue
+                for key in sorted(set(item) - {"value", "filter"}):
+                    location = f"{where}.{name}" + (f".{k}" if isinstance(setting, list) else "") + f".{key}"
+                    if strict:
+                        raise RecipeError(f"{source}: {location}: not a key of a conditional setting "
+                                          "(mergekit ignores it, so the entry applies to every tensor; did you mean "
+                                          "filter?)")
+                    log.warning("%s: %s: not a key of a conditional setting; ignored, as mergekit ignores it, so "
+                                "this entry applies to every tensor (did you mean filter? --strict refuses it)",
+                                source, location)
+                    del item[key]
+    return data
 
 
 # --------------------------------------------------------------------------- schema
@@ -390,6 +428,7 @@ class Recipe(_Strict):
             raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
         if "modules" in data:
             raise RecipeError(f"{source}: modules: multi-module recipes are not supported; use models or slices")
+        data = _ignored_condition_keys(data, source, strict)
         try:
             recipe = cls.model_validate(data)
         except ValidationError as exc:

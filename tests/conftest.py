@@ -68,7 +68,8 @@ def run_mergekit(recipe_file: Path, out_dir: Path, seed: int | None = None) -> d
     from safetensors.torch import load_file
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe_file.read_text()))
-    options = MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=seed)
+    options = MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=seed,
+                           lora_merge_cache=str(out_dir.parent / "mergekit_lora_cache"))
     mergekit_merge.run_merge(config, str(out_dir), options)
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(out_dir.glob("*.safetensors")):

@@ -307,3 +307,24 @@ def test_named_chat_templates_render_as_mergekits(name):
     for messages in CONVERSATIONS:
         for prompt in (False, True):
             assert render(chat_template_text(name), messages, prompt) == render(theirs, messages, prompt), messages
+
+
+def test_keys_mergekit_ignores_in_a_conditional_setting_warn_or_are_refused(caplog):
+    """`pattern:` (mergekit's examples/gradient-slerp.yml): mergekit ignores the key, so the entry
+    applies to every tensor; evomerge does the same and says so, and --strict refuses it."""
+    text = """
+merge_method: slerp
+base_model: a
+models: [{model: a}, {model: b}]
+parameters:
+  t:
+    - pattern: self_attn
+      value: [0, 1]
+    - value: 0.5
+"""
+    with caplog.at_level("WARNING"):
+        recipe = Recipe.from_yaml(text)
+    assert recipe.parameters["t"][0] == {"value": [0, 1]}
+    assert "parameters.t.0.pattern: not a key of a conditional setting" in caplog.text
+    with pytest.raises(RecipeError, match=r"parameters\.t\.0\.pattern: not a key of a conditional setting"):
+        Recipe.from_yaml(text, strict=True)

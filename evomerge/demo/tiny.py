@@ -174,3 +174,37 @@ def build_tiny_moe_family(out_dir: str | Path, *, model_type: str = "mixtral", s
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     return paths
+
+
+def build_tiny_arch_family(out_dir: str | Path, model_type: str, layers: int, members: int, *, seed: int = 0,
+                           tie_word_embeddings: bool = False, experts: int = 8) -> list[Path]:
+    """A base and `members` fine-tunes of any causal-LM architecture transformers knows (`llama`,
+    `mistral`, `qwen2`, `mixtral`, ...) with `layers` layers and tiny widths: a published recipe's
+    layer ranges and architecture, at a size that merges in seconds. Returns [base, *fine-tunes]."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    shape = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": layers,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 256,
+             "tie_word_embeddings": tie_word_embeddings}
+    if model_type == "mixtral":
+        shape.update(num_local_experts=experts, num_experts_per_tok=2)
+    config = AutoConfig.for_model(model_type, **shape)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in base.parameters():
+            if param.dim() == 1:
+                param.mul_(1 + 0.1 * torch.randn(param.shape))
+    out = Path(out_dir)
+    paths = [out / "base"]
+    base.save_pretrained(paths[0])
+    tokenizer.save_pretrained(paths[0])
+    generator = torch.Generator().manual_seed(seed + 1)
+    for index in range(members):
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(synthetic_finetune(base.state_dict(), index, generator))
+        paths.append(out / f"ft{index}")
+        model.save_pretrained(paths[-1])
+        tokenizer.save_pretrained(paths[-1])
+    return paths
