@@ -140,6 +140,33 @@ def _check_parameters(value: Parameters) -> Parameters:
     return out
 
 
+def _single_module(data: dict, source: str) -> dict:
+    """`modules: {default: {slices|models, parameters}}` (mergekit's multi-module syntax with the one
+    module a decoder-only model has) is the same recipe with the module's keys at the top. Other
+    modules (vision towers, encoders) are refused."""
+    modules = data["modules"]
+    if not (isinstance(modules, dict) and set(modules) == {"default"} and isinstance(modules["default"], dict)):
+        names = ", ".join(map(str, modules)) if isinstance(modules, dict) else repr(modules)
+        raise RecipeError(f"{source}: modules: only the `default` module of a decoder-only model is supported, "
+                          f"got {names}")
+    module = modules["default"]
+    unknown = set(module) - {"slices", "models", "parameters"}
+    if unknown:
+        raise RecipeError(f"{source}: modules.default.{sorted(unknown)[0]}: not a module key (slices, models, parameters)")
+    for key in ("slices", "models"):
+        if key in module and key in data:
+            raise RecipeError(f"{source}: {key}: given both at the top and in modules.default")
+    shared = set(module.get("parameters") or {}) & set(data.get("parameters") or {})
+    if shared:
+        raise RecipeError(f"{source}: modules.default.parameters.{sorted(shared)[0]}: also set in the top-level "
+                          "parameters; set it in one place")
+    lifted = {k: v for k, v in data.items() if k != "modules"}
+    lifted.update({k: v for k, v in module.items() if k != "parameters"})
+    if module.get("parameters"):
+        lifted["parameters"] = {**(data.get("parameters") or {}), **module["parameters"]}
+    return lifted
+
+
 def _ignored_condition_keys(data: dict, source: str, strict: bool) -> dict:
     """Keys of a conditional setting other than `filter` and `value` (`pattern:`, an old spelling of
     `filter:` in mergekit's own examples): mergekit ignores them, so the entry applies to every
@@ -427,7 +454,7 @@ class Recipe(_Strict):
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
         if "modules" in data:
-            raise RecipeError(f"{source}: modules: multi-module recipes are not supported; use models or slices")
+            data = _single_module(data, source)
         data = _ignored_condition_keys(data, source, strict)
         try:
             recipe = cls.model_validate(data)

@@ -328,3 +328,25 @@ parameters:
     assert "parameters.t.0.pattern: not a key of a conditional setting" in caplog.text
     with pytest.raises(RecipeError, match=r"parameters\.t\.0\.pattern: not a key of a conditional setting"):
         Recipe.from_yaml(text, strict=True)
+
+
+def test_a_single_default_module_is_the_same_recipe_and_other_modules_are_refused():
+    plain = """
+merge_method: ties
+base_model: a
+models: [{model: a}, {model: b, parameters: {weight: 0.5, density: 0.5}}]
+parameters: {lambda: 0.9}
+"""
+    moduled = """
+merge_method: ties
+base_model: a
+modules:
+  default:
+    models: [{model: a}, {model: b, parameters: {weight: 0.5, density: 0.5}}]
+    parameters: {lambda: 0.9}
+"""
+    assert Recipe.from_yaml(moduled) == Recipe.from_yaml(plain)
+    with pytest.raises(RecipeError, match="modules: only the `default` module"):
+        Recipe.from_yaml(moduled.replace("default:", "vision_tower:"))
+    with pytest.raises(RecipeError, match=r"modules.default.parameters.lambda: also set in the top-level"):
+        Recipe.from_yaml(moduled + "parameters: {lambda: 1.0}\n")
