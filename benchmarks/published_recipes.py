@@ -67,8 +67,8 @@ for path in CORPUS:
         result[exact] = (differ / total, worst, seconds)
     rows.append((path.stem, data["merge_method"], data.get("dtype") or "stored", result))
 
-print(f"| recipe | method | dtype | default: entries differing | default: max rel. diff | exact: differing | "
-      f"default s | exact s |")
+print("| recipe | method | dtype | default: entries differing | default: max rel. diff | exact: differing | "
+      "default s | exact s |")
 print("|---|---|---|---:|---:|---:|---:|---:|")
 for name, method, dtype, r in rows:
     (d_frac, d_worst, d_s), (e_frac, _e_worst, e_s) = r[False], r[True]

@@ -30,13 +30,19 @@ def importance(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (tensor - base).abs() * kl
 
 
-# random: only for tensors above QUANTILE_SAMPLES elements
-@define(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, reference="https://arcee.ai")
-def arcee_fusion(inputs: Inputs, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def fuse(inputs: Inputs, generator: torch.Generator | None, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The base plus the changes whose importance is an outlier; the mask in `mask_dtype` (default:
+    the inputs' dtype; mergekit's float32 mask promotes a 16-bit result to float32)."""
     base = inputs.base
     (other,) = inputs.others
     scores = importance(other, base)
     q1, median, q3 = _quantiles(scores, torch.tensor([0.25, 0.5, 0.75]), generator)
-    mask = (scores >= median + 1.5 * (q3 - q1)).to(base.dtype)
+    mask = (scores >= median + 1.5 * (q3 - q1)).to(mask_dtype or base.dtype)
     return base + (other - base) * mask
+
+
+# random: only for tensors above QUANTILE_SAMPLES elements
+@define(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, reference="https://arcee.ai")
+def arcee_fusion(inputs: Inputs, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    return fuse(inputs, generator)
 

@@ -6,7 +6,9 @@ magnitudes with torch's unstable sort. A published merge is reproduced bit for b
 the same operations in the same order on the same dtypes, which is what this module holds: for
 each method whose default arithmetic differs, a variant that receives the inputs in the recipe's
 dtype and performs mergekit's sequence of torch operations (written from reading its source, not
-copied). The engine calls them when asked for mergekit-exact merges; `docs/methods.md` lists the
+copied). karcher, ram, ramplus_tl and passthrough need none: their own functions
+already are mergekit's sequence, and given 16-bit inputs (no fused sum, no cached task vectors)
+they give its bits. The engine calls them when asked for mergekit-exact merges; `docs/methods.md` lists the
 differences each removes and their size.
 
 Two things stay apart by design: the random methods draw from evomerge's per-tensor generator
@@ -22,9 +24,10 @@ the merged tensor; inputs are never modified.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from evomerge.methods.arcee_fusion import fuse
 from evomerge.methods.registry import Inputs, attach_exact
+from evomerge.methods.spherical import nuslerp_tensors
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -98,34 +101,16 @@ def slerp_exact(inputs: Inputs, *, t: float) -> torch.Tensor:
     return result.reshape(v0.shape)
 
 
-def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
-    shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
-        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos_theta = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
-    collinear = (1 - cos_theta.square()) <= 1e-8 ** 2
-    theta = torch.acos(torch.where(collinear, 0, cos_theta))
-    sin_theta = torch.sin(theta)
-    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
-    result = torch.where(collinear, (1 - t) * v0 + t * v1, result)
-    if row_wise and not flatten:
-        result = result.transpose(0, -1)
-    return result.reshape(shape)
-
-
 @attach_exact("nuslerp")
 def nuslerp_exact(inputs: Inputs, *, weight, nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True) -> torch.Tensor:
     total = sum(weight)
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
     v0, v1 = inputs.others
     base = inputs.base
+    # evomerge's own nuslerp_tensors is mergekit's sequence; the default path fuses the flattened case
     if base is None:
-        return _nuslerp(t, v0, v1, nuslerp_row_wise, nuslerp_flatten)
-    return base + _nuslerp(t, v0 - base, v1 - base, nuslerp_row_wise, nuslerp_flatten)
+        return nuslerp_tensors(t, v0, v1, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+    return base + nuslerp_tensors(t, v0 - base, v1 - base, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
 
 
 @attach_exact("multislerp")
@@ -159,48 +144,6 @@ def multislerp_exact(inputs: Inputs, *, weight, normalize_weights: bool = True, 
     result = result * (norms.squeeze(-1) * weights).sum()
     result = result.view(stacked.shape[1:])
     return result + base if base is not None else result
-
-
-@attach_exact("karcher")
-def karcher_exact(inputs: Inputs, *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
-    """Norms in float32, unit vectors and the iterated mean in the inputs' dtype."""
-    tensors = list(inputs.tensors)
-    if len(tensors) == 1:
-        return tensors[0]
-    alphas = [1.0 / len(tensors)] * len(tensors)
-    wide = _wide(tensors[0].dtype)
-    norms, units = [], []
-    for tensor in tensors:
-        norm = torch.linalg.vector_norm(tensor.to(wide))
-        norms.append(norm)
-        units.append(torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype))
-    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
-    if not valid:
-        return sum(tensor * 0 for tensor in tensors)
-    alpha_sum = sum(alphas[i] for i in valid)
-    weights = [alphas[i] / alpha_sum for i in valid]
-    valid_units = [units[i] for i in valid]
-    mean = torch.zeros_like(valid_units[0])
-    for alpha, unit in zip(weights, valid_units):
-        mean += alpha * unit
-    mean_norm = torch.linalg.vector_norm(mean.to(wide))
-    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
-    for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for alpha, unit in zip(weights, valid_units):
-            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if theta.item() < tol:
-                continue
-            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent.to(wide))
-        if tangent_norm.item() < tol:
-            break
-        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
-        unit_norm = torch.linalg.vector_norm(mean.to(wide))
-        if unit_norm.item() > tol:
-            mean = (mean / unit_norm).to(mean.dtype)
-    return sum(alpha * norm for alpha, norm in zip(alphas, norms)) * mean
 
 
 # --------------------------------------------------------------------------- task arithmetic family
@@ -388,60 +331,6 @@ def model_stock_exact(inputs: Inputs, *, filter_wise: bool = False) -> torch.Ten
     return (t * average + (1 - t) * base).reshape(shape)
 
 
-_QUANTILE_SAMPLE = 1_000_000
-
-
-@attach_exact("arcee_fusion")
-def arcee_fusion_exact(inputs: Inputs, *, generator=None) -> torch.Tensor:
-    """Importance (|delta| times the KL divergence of the rows' softmaxes) in the inputs' dtype; the
-    threshold median + 1.5 IQR from the sorted importance (a 1M sample, drawn with replacement, for
-    larger tensors); the float32 mask promotes the result to float32, as in mergekit."""
-    base, tuned = inputs.base, inputs.others[0]
-    p = F.softmax(tuned, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    importance = (tuned - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    flat = importance.reshape(-1)
-    if flat.numel() > _QUANTILE_SAMPLE:
-        flat = flat[torch.randint(flat.numel(), (_QUANTILE_SAMPLE,), device=flat.device, generator=generator)]
-    ordered = torch.sort(flat).values
-    positions = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
-    q1, median, q3 = ordered[positions.to(ordered.device)]
-    mask = (importance >= median + 1.5 * (q3 - q1)).float()
-    return base + (tuned - base) * mask
-
-
-def _ram_vectors(inputs: Inputs, epsilon: float):
-    others = _non_base(inputs)
-    flat = torch.stack([t - inputs.base for t in others], dim=0).view(len(others), -1)
-    changed = flat.abs() > epsilon
-    counts = changed.sum(dim=0, keepdim=True)
-    return flat, changed, counts, counts > 1, counts == 1
-
-
-@attach_exact("ram")
-def ram_exact(inputs: Inputs, *, epsilon: float = 1e-5) -> torch.Tensor:
-    base = inputs.base
-    if not inputs.others:
-        return base
-    flat, changed, counts, shared, unique = _ram_vectors(inputs, epsilon)
-    kept = flat * changed
-    merged = ((kept * unique) + (kept * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return base + merged.reshape_as(base)
-
-
-@attach_exact("ramplus_tl")
-def ramplus_tl_exact(inputs: Inputs, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
-    base = inputs.base
-    if not inputs.others:
-        return base
-    flat, changed, counts, shared, unique = _ram_vectors(inputs, epsilon)
-    rho = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)
-    boost = 1 + r * rho.clamp(min=0, max=alpha)
-    kept = flat * changed
-    merged = ((kept * unique * boost.unsqueeze(-1)) + (kept * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return base + merged.reshape_as(base)
-
-
 @attach_exact("nearswap")
 def nearswap_exact(inputs: Inputs, *, t: float) -> torch.Tensor:
     a, b = inputs.base, inputs.others[0]
@@ -449,8 +338,8 @@ def nearswap_exact(inputs: Inputs, *, t: float) -> torch.Tensor:
     return weight * b + (1 - weight) * a
 
 
-@attach_exact("passthrough")
-def passthrough_exact(inputs: Inputs, *, scale=None) -> torch.Tensor:
-    (tensor,) = inputs.tensors
-    return tensor if scale is None or scale[0] is None else tensor * scale[0]
-
+@attach_exact("arcee_fusion")
+def arcee_fusion_exact(inputs: Inputs, *, generator=None) -> torch.Tensor:
+    """evomerge's arcee_fusion with mergekit's float32 mask, which leaves a 16-bit result in float32
+    (kept when out_dtype is float32; rounded to the output dtype otherwise, to the same bits)."""
+    return fuse(inputs, generator, torch.float32)
