@@ -7,6 +7,7 @@ from pathlib import Path
 from evomerge.engine.engine import MergeEngine, MergeStats
 from evomerge.checkpoint import locate
 from evomerge.engine.export import check_output_dir, save_checkpoint
+from evomerge.methods import get as get_method
 from evomerge.recipe import Recipe
 
 __all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "save_checkpoint"]
@@ -45,7 +46,7 @@ def merge_to_checkpoint(
     )
     if mergekit_exact:
         card = ("\nMerged with mergekit 0.1.5's arithmetic (`--mergekit-exact`): the tensors mergekit-yaml "
-                "writes for this recipe" + (", but for the random draws" if engine.plan(recipe).method.random else "")
+                "writes for this recipe" + (", but for the random draws" if get_method(recipe.merge_method).random else "")
                 + ".\n" + card)
     if gguf:
         check_config(engine.sources[recipe.base_model or recipe.referenced_models()[0]].config, "the merged model")

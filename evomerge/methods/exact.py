@@ -8,7 +8,8 @@ each method whose default arithmetic differs, a variant that receives the inputs
 dtype and performs mergekit's sequence of torch operations (written from reading its source, not
 copied). karcher, ram, ramplus_tl and passthrough need none: their own functions
 already are mergekit's sequence, and given 16-bit inputs (no fused sum, no cached task vectors)
-they give its bits. The engine calls them when asked for mergekit-exact merges; `docs/methods.md` lists the
+they give its bits. nuslerp, sce, model_stock and arcee_fusion reuse their own modules' pieces and
+differ only where mergekit's operations do (no fused sum, torch.var and topk, a float32 mask). The engine calls them when asked for mergekit-exact merges; `docs/methods.md` lists the
 differences each removes and their size.
 
 Two things stay apart by design: the random methods draw from evomerge's per-tensor generator
@@ -26,17 +27,12 @@ from __future__ import annotations
 import torch
 
 from evomerge.methods.arcee_fusion import fuse
+from evomerge.methods.kernels import accumulation_dtype
+from evomerge.methods.model_stock import model_stock, stock_rows
 from evomerge.methods.registry import Inputs, attach_exact
+from evomerge.methods.sce import select_erase_average
 from evomerge.methods.spherical import nuslerp_tensors
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """The dtype mergekit's batched kernels (linear, slerp) and karcher work in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _non_base(inputs: Inputs) -> list[torch.Tensor]:
-    return list(inputs.others)
+from evomerge.methods.task_arithmetic import check_della, sign_consensus
 
 
 # --------------------------------------------------------------------------- linear
@@ -49,7 +45,7 @@ def linear_exact(inputs: Inputs, *, weight, normalize: bool = True) -> torch.Ten
     first = inputs.tensors[0]
     if not first.is_floating_point():
         raise TypeError("linear merging needs floating-point tensors")
-    wide = _wide(first.dtype)
+    wide = accumulation_dtype(first.dtype)
     weights = torch.tensor([[float(w) for w in weight]], dtype=wide, device=first.device)
     shape = (1,) * (first.dim() + 1)
     result = torch.zeros((1, *first.shape), dtype=wide, device=first.device)
@@ -72,23 +68,24 @@ def slerp_exact(inputs: Inputs, *, t: float) -> torch.Tensor:
     inputs are nearly collinear); the result written chunk by chunk into the inputs' dtype."""
     v0 = inputs.base
     v1 = inputs.others[0]
-    wide = _wide(v0.dtype)
+    wide = accumulation_dtype(v0.dtype)
     a = v0.reshape(1, -1)
     b = v1.reshape(1, -1)
     tt = torch.tensor([float(t)], dtype=wide, device=v0.device).reshape(-1, 1)
     if not a.shape[1]:
         return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
     spans = range(0, a.shape[1], _SLERP_CHUNK)
-    norms_a = [torch.linalg.vector_norm(a[:, s:s + _SLERP_CHUNK].to(wide), dim=1, keepdim=True) for s in spans]
-    norms_b = [torch.linalg.vector_norm(b[:, s:s + _SLERP_CHUNK].to(wide), dim=1, keepdim=True) for s in spans]
+
+    def chunk(x: torch.Tensor, start: int) -> torch.Tensor:  # converted per pass, as mergekit bounds scratch
+        return x[:, start:start + _SLERP_CHUNK].to(wide)
+
+    norms_a = [torch.linalg.vector_norm(chunk(a, s), dim=1, keepdim=True) for s in spans]
+    norms_b = [torch.linalg.vector_norm(chunk(b, s), dim=1, keepdim=True) for s in spans]
     norm_a = torch.linalg.vector_norm(torch.stack(norms_a), dim=0)
     norm_b = torch.linalg.vector_norm(torch.stack(norms_b), dim=0)
     norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
     norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
-    dots = [
-        ((a[:, s:s + _SLERP_CHUNK].to(wide) / norm_a) * (b[:, s:s + _SLERP_CHUNK].to(wide) / norm_b)).sum(dim=1, keepdim=True)
-        for s in spans
-    ]
+    dots = [((chunk(a, s) / norm_a) * (chunk(b, s) / norm_b)).sum(dim=1, keepdim=True) for s in spans]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     near_linear = dot.abs() > 0.9995
     theta = torch.acos(torch.where(near_linear, 0, dot))
@@ -97,7 +94,7 @@ def slerp_exact(inputs: Inputs, *, t: float) -> torch.Tensor:
     coef_b = torch.where(near_linear, tt, torch.sin(tt * theta) / sin_theta)
     result = torch.empty_like(a)
     for s in spans:
-        result[:, s:s + _SLERP_CHUNK] = coef_a * a[:, s:s + _SLERP_CHUNK].to(wide) + coef_b * b[:, s:s + _SLERP_CHUNK].to(wide)
+        result[:, s:s + _SLERP_CHUNK] = coef_a * chunk(a, s) + coef_b * chunk(b, s)
     return result.reshape(v0.shape)
 
 
@@ -115,7 +112,7 @@ def nuslerp_exact(inputs: Inputs, *, weight, nuslerp_row_wise: bool = False, nus
 
 @attach_exact("multislerp")
 def multislerp_exact(inputs: Inputs, *, weight, normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    others = _non_base(inputs)
+    others = list(inputs.others)
     base = inputs.base
     if len(others) == 1:
         return others[0]
@@ -206,8 +203,7 @@ def _keep_random_by_rank(delta: torch.Tensor, density: float, epsilon: float, re
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(f"della: density ± epsilon must stay inside (0, 1), got density={density:g}, epsilon={epsilon:g}")
+    check_della(density, epsilon)
     shape = delta.shape
     work = _random_dtype(delta)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
@@ -219,13 +215,6 @@ def _keep_random_by_rank(delta: torch.Tensor, density: float, epsilon: float, re
     return _masked_rescaled(rows.to(work), mask, rescale).to(delta.dtype).reshape(shape)
 
 
-def sign_mask(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
-    """TIES's election as mergekit computes it: signs in `mask_dtype` against the sign of the sum."""
-    signs = deltas.sign().to(mask_dtype)
-    majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    return signs == majority
-
-
 def task_arithmetic_exact(
     inputs: Inputs, *, int8_mask: bool = False, normalize: bool, rescale: bool, lambda_: float, weight,
     density, gamma=None, epsilon=None, generator=None, consensus: bool, sparsify: str | None,
@@ -233,7 +222,7 @@ def task_arithmetic_exact(
     """Deltas sparsified one by one into a stack in the inputs' dtype, weights rounded to that dtype
     and multiplied in, the sign election (TIES), the sum over models, the divisor, lambda."""
     base = inputs.base
-    others = _non_base(inputs)
+    others = list(inputs.others)
     if not others:
         return base
     deltas = base.new_empty((len(others), *base.shape))
@@ -252,7 +241,7 @@ def task_arithmetic_exact(
     weights = weights.reshape(-1, *([1] * base.dim()))
     deltas.mul_(weights)
     if consensus:
-        mask = sign_mask(deltas, torch.int8 if int8_mask else base.dtype)
+        mask = sign_consensus(deltas)  # the same booleans as mergekit's mask, whatever int8_mask says
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -274,29 +263,17 @@ for _name in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumb
 
 @attach_exact("sce")
 def sce_exact(inputs: Inputs, *, int8_mask: bool = False, select_topk: float = 1.0) -> torch.Tensor:
-    base = inputs.base
-    others = _non_base(inputs)
-    if not others:
-        return base
-    mask_dtype = torch.int8 if int8_mask else base.dtype
-    vectors = torch.stack([t - base for t in others], dim=0)
-    if select_topk < 1:
-        vectors = vectors * _variance_mask(vectors, select_topk, mask_dtype).unsqueeze(0)
-    keep = sign_mask(vectors, mask_dtype)
-    energy = vectors.square().reshape(vectors.shape[0], -1).mean(dim=1)
-    total = torch.sum(energy).item()
-    energy = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
-    energy = energy.reshape(-1, *([1] * base.dim()))
-    kept = energy * keep
-    return base + (vectors * kept).sum(dim=0) / torch.sum(kept, dim=0).clamp(min=1e-6)
+    """evomerge's SCE with mergekit's selection (torch.var, topk); int8_mask only changes the dtype
+    of mergekit's masks, never the values they select."""
+    return select_erase_average(inputs, select_topk, _variance_mask)
 
 
-def _variance_mask(vectors: torch.Tensor, fraction: float, mask_dtype: torch.dtype) -> torch.Tensor:
+def _variance_mask(vectors: torch.Tensor, fraction: float) -> torch.Tensor:
     if fraction <= 0:
-        return torch.zeros_like(vectors[0], dtype=mask_dtype)
+        return torch.zeros_like(vectors[0])
     variance = torch.var(vectors, dim=0, unbiased=False)
     k = int(torch.count_nonzero(variance) * fraction)
-    mask = torch.zeros_like(variance, dtype=mask_dtype)
+    mask = torch.zeros_like(variance)
     if k:
         mask.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True).indices] = 1
     return mask
@@ -307,28 +284,13 @@ def _variance_mask(vectors: torch.Tensor, fraction: float, mask_dtype: torch.dty
 
 @attach_exact("model_stock")
 def model_stock_exact(inputs: Inputs, *, filter_wise: bool = False) -> torch.Tensor:
-    base = inputs.base
-    others = _non_base(inputs)
-    shape = base.shape
+    """mergekit flattens each tensor and takes one t along it (evomerge's default finishes with a
+    fused sum); filter-wise, evomerge's rows already are mergekit's sequence."""
     if filter_wise:
-        if base.dim() == 1:
-            base, others = base.unsqueeze(0), [w.unsqueeze(0) for w in others]
-    else:
-        base, others = base.reshape(-1), [w.reshape(-1) for w in others]
-    offsets = [w - base for w in others]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    count = len(others)
-    denominator = 1 + (count - 1) * cos_theta
-    singular = denominator.abs() < 1e-6
-    safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
-    average = sum(others) / count
-    return (t * average + (1 - t) * base).reshape(shape)
+        return model_stock(inputs, filter_wise=True)
+    others = tuple(x.reshape(-1) for x in inputs.others)
+    vectors = tuple(v.reshape(-1) for v in inputs.task_vectors())
+    return stock_rows(inputs.base.reshape(-1), others, vectors).reshape(inputs.base.shape)
 
 
 @attach_exact("nearswap")

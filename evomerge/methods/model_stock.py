@@ -46,7 +46,14 @@ def model_stock(inputs: Inputs, *, filter_wise: bool = False) -> torch.Tensor:
         base = base.unsqueeze(0)
         others = tuple(x.unsqueeze(0) for x in others)
         vectors = tuple(v.unsqueeze(0) for v in vectors)
+    return stock_rows(base, others, vectors).reshape(shape)
+
+
+def stock_rows(base: torch.Tensor, others, vectors) -> torch.Tensor:
+    """Model Stock with one t per row (the last dimension), in mergekit's sequence of operations:
+    the mean pairwise cosine of the task vectors, t, then t * mean(others) + (1 - t) * base."""
+    count = len(others)
     t = _interpolation_ratio(_mean_pairwise_cosine(vectors, -1).unsqueeze(-1), count)
     average = sum(others) / count
-    return (t * average + (1 - t) * base).reshape(shape)
+    return t * average + (1 - t) * base
 

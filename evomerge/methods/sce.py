@@ -3,7 +3,7 @@ per-model weights from task-vector energy, Erase minority signs, then average.""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Callable
 
 import torch
 
@@ -42,6 +42,23 @@ def _energy_weights(vectors: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
+def select_erase_average(
+    inputs: Inputs, select_topk: float, select_mask: Callable[[torch.Tensor, float], torch.Tensor]
+) -> torch.Tensor:
+    """SCE given the rule that selects the top-variance entries (`select_mask(vectors, fraction)`)."""
+    base = inputs.base
+    if not inputs.others:
+        return base
+    vectors = torch.stack(inputs.task_vectors())
+    if select_topk < 1:
+        vectors = vectors * select_mask(vectors, select_topk).unsqueeze(0)
+    keep = sign_consensus(vectors)
+    weights = _energy_weights(vectors).view(-1, *([1] * base.dim()))
+    kept_weights = weights * keep
+    merged = (vectors * kept_weights).sum(dim=0) / kept_weights.sum(dim=0).clamp(min=1e-6)
+    return base + merged
+
+
 @define(base=BasePolicy.REQUIRED, reference="https://arxiv.org/abs/2408.07990")
 def sce(
     inputs: Inputs,
@@ -49,15 +66,5 @@ def sce(
     int8_mask: bool = False,
     select_topk: Annotated[float, in_range(0, 1), Search(0.1, 1.0)] = 1.0,
 ) -> torch.Tensor:
-    base = inputs.base
-    if not inputs.others:
-        return base
-    vectors = torch.stack(inputs.task_vectors())
-    if select_topk < 1:
-        vectors = vectors * _select_mask(vectors, select_topk).unsqueeze(0)
-    keep = sign_consensus(vectors)
-    weights = _energy_weights(vectors).view(-1, *([1] * base.dim()))
-    kept_weights = weights * keep
-    merged = (vectors * kept_weights).sum(dim=0) / kept_weights.sum(dim=0).clamp(min=1e-6)
-    return base + merged
+    return select_erase_average(inputs, select_topk, _select_mask)
 

@@ -93,10 +93,7 @@ def keep_random_by_rank(
     out, ws = _buffers(delta, out, workspace)
     if density <= 0:
         return out.zero_()
-    if epsilon >= della_room(density):
-        raise ValueError(
-            f"della: density ± epsilon must stay inside (0, 1), got density={density:g}, epsilon={epsilon:g}"
-        )
+    check_della(density, epsilon)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     # 0-based magnitude rank within each row: one argsort, then its inverse permutation by scatter
     # (mergekit argsorts twice; same ranks).
@@ -118,6 +115,14 @@ def keep_random_by_rank(
 def della_room(density: float) -> float:
     """The largest epsilon DELLA allows at this density: density ± epsilon stays inside (0, 1)."""
     return min(density, 1 - density)
+
+
+def check_della(density: float, epsilon: float) -> None:
+    """DELLA's keep probabilities density ± epsilon must stay inside (0, 1)."""
+    if epsilon >= della_room(density):
+        raise ValueError(
+            f"della: density ± epsilon must stay inside (0, 1), got density={density:g}, epsilon={epsilon:g}"
+        )
 
 
 def della_constrain(values: dict[str, list[float]]) -> dict[str, list[float]]:
