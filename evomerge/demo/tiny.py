@@ -70,32 +70,12 @@ def build_tiny_family(
     out_dir: str | Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, tie_word_embeddings: bool = False
 ) -> dict[str, Path]:
     """Writes base/ and one folder per fine-tune; returns {name: path}."""
-    from transformers import LlamaForCausalLM
-
-    out = Path(out_dir)
     tokenizer = build_tokenizer()
     config = tiny_config(len(tokenizer), layers=layers, hidden=hidden, tie_word_embeddings=tie_word_embeddings)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # real checkpoints have non-constant norm weights; init gives all ones
-        for name, param in base.named_parameters():
-            if param.dim() == 1:
-                param.mul_(1 + 0.1 * torch.randn(param.shape))
-    paths = {"base": out / "base"}
-    base.save_pretrained(paths["base"])
-    tokenizer.save_pretrained(paths["base"])
-    generator = torch.Generator().manual_seed(seed + 1)
-    state = base.state_dict()
-    for index, name in enumerate(FINETUNES):
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(synthetic_finetune(state, index, generator))
-        paths[name] = out / name
-        model.save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
-    return paths
+    return _write_family(config, tokenizer, Path(out_dir), FINETUNES, seed=seed, vary_norms=True)
 
 
 def synthetic_finetune(state: dict[str, torch.Tensor], kind: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -150,7 +130,7 @@ def build_tiny_moe_family(out_dir: str | Path, *, model_type: str = "mixtral", s
     """A tiny mixture-of-experts family (base + FINETUNES) of `model_type` ("mixtral", "qwen3_moe"),
     saved as transformers saves it: each expert a tensor of its own (Mixtral's
     `block_sparse_moe.experts.E.w1.weight`), as published checkpoints are."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     tokenizer = build_tokenizer()
     shape = tiny_config(len(tokenizer), layers=layers, hidden=32).to_dict()
@@ -160,16 +140,30 @@ def build_tiny_moe_family(out_dir: str | Path, *, model_type: str = "mixtral", s
            "qwen3_moe": {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                          "intermediate_size": 48, "head_dim": 8}}[model_type]
     config = AutoConfig.for_model(model_type, **shape, **moe, tie_word_embeddings=False)
+    return _write_family(config, tokenizer, Path(out_dir), FINETUNES, seed=seed, vary_norms=False)
+
+
+def _write_family(config, tokenizer, out: Path, finetunes, *, seed: int, vary_norms: bool) -> dict[str, Path]:
+    """A random base of `config` (its 1-D weights varied around their init when `vary_norms`: real
+    checkpoints have non-constant norm weights) and one synthetic fine-tune per name, each saved
+    with the tokenizer under `out`; returns {"base": path, name: path, ...}."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(config).eval()
-    out = Path(out_dir)
+    if vary_norms:
+        with torch.no_grad():
+            for param in base.parameters():
+                if param.dim() == 1:
+                    param.mul_(1 + 0.1 * torch.randn(param.shape))
     paths = {"base": out / "base"}
     base.save_pretrained(paths["base"])
     tokenizer.save_pretrained(paths["base"])
     generator = torch.Generator().manual_seed(seed + 1)
-    for index, name in enumerate(FINETUNES):
+    state = base.state_dict()
+    for index, name in enumerate(finetunes):
         model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(synthetic_finetune(base.state_dict(), index, generator))
+        model.load_state_dict(synthetic_finetune(state, index, generator))
         paths[name] = out / name
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -181,7 +175,7 @@ def build_tiny_arch_family(out_dir: str | Path, model_type: str, layers: int, me
     """A base and `members` fine-tunes of any causal-LM architecture transformers knows (`llama`,
     `mistral`, `qwen2`, `mixtral`, ...) with `layers` layers and tiny widths: a published recipe's
     layer ranges and architecture, at a size that merges in seconds. Returns [base, *fine-tunes]."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     tokenizer = build_tokenizer()
     shape = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": layers,
@@ -190,21 +184,6 @@ def build_tiny_arch_family(out_dir: str | Path, model_type: str, layers: int, me
     if model_type == "mixtral":
         shape.update(num_local_experts=experts, num_experts_per_tok=2)
     config = AutoConfig.for_model(model_type, **shape)
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in base.parameters():
-            if param.dim() == 1:
-                param.mul_(1 + 0.1 * torch.randn(param.shape))
-    out = Path(out_dir)
-    paths = [out / "base"]
-    base.save_pretrained(paths[0])
-    tokenizer.save_pretrained(paths[0])
-    generator = torch.Generator().manual_seed(seed + 1)
-    for index in range(members):
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(synthetic_finetune(base.state_dict(), index, generator))
-        paths.append(out / f"ft{index}")
-        model.save_pretrained(paths[-1])
-        tokenizer.save_pretrained(paths[-1])
-    return paths
+    paths = _write_family(config, tokenizer, Path(out_dir), [f"ft{i}" for i in range(members)], seed=seed,
+                          vary_norms=True)
+    return list(paths.values())
