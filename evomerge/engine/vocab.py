@@ -138,15 +138,8 @@ class Vocabulary:
         if model not in tensors:
             raise RecipeError(f"tokenizer.tokens.{token}: takes its row from model '{model}', which tensor "
                               f"'{name}' does not merge")
-        if isinstance(source, ModelToken):
-            row = source.token_id
-            if row is None:
-                if source.token not in self.original.get(model, {}):
-                    raise RecipeError(f"tokenizer.tokens.{token}: model '{model}' has no token {source.token!r}")
-                row = self.original[model][source.token]
-            if not 0 <= row < tensors[model].shape[0]:
-                raise RecipeError(f"tokenizer.tokens.{token}: token id {row} is out of range for model '{model}' "
-                                  f"({tensors[model].shape[0]} rows)")
+        if isinstance(source, ModelToken):  # its token or token_id checked against the model by _check_tokens
+            row = source.token_id if source.token_id is not None else self.original[model][source.token]
             return tensors[model][row]
         row = int(self.index[model][token_id])
         if row < 0:
