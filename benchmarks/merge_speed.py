@@ -97,7 +97,7 @@ def copy_bandwidth(engine: MergeEngine, reps: int = 5) -> float:
     """(bytes read + bytes written) per second of copy_ from one source's resident tensors into the
     resident model's parameters: the same tensors, sizes and memory a merge moves, no arithmetic."""
     params = dict(engine._model.named_parameters())
-    pairs = [(params[name].data, engine.stacks[name][0]) for name in params if name in engine.stacks]
+    pairs = [(params[name].data, engine.store.row(engine.refs[0], name)) for name in params if name in engine.store.rows]
     moved = 2 * sum(p.numel() * p.element_size() for p, _ in pairs)
     times = []
     for _ in range(reps + 1):

@@ -176,12 +176,17 @@ class SourceModel:
             return list(self.files)
         return [*self.files, *sorted(self.adapter.glob("adapter_model.*")), self.adapter / "adapter_config.json"]
 
-    def stored_dtype(self) -> torch.dtype:
-        """The dtype the checkpoint declares (config), else that of its first floating tensor."""
+    def config_dtype(self) -> torch.dtype | None:
+        """The floating dtype the config declares, if any."""
         declared = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
         if isinstance(declared, str):
             declared = getattr(torch, declared, None)
-        if isinstance(declared, torch.dtype) and declared.is_floating_point:
+        return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else None
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint declares (config), else that of its first floating tensor."""
+        declared = self.config_dtype()
+        if declared is not None:
             return declared
         if self.kind == "safetensors":
 
@@ -296,6 +301,26 @@ def locate(ref: str, *, allow_bin: bool = False) -> SourceModel:
     if not path.is_dir():
         path = _from_hub_cache(ref, name, revision)
     return _inspect_dir(ref, path, allow_bin)
+
+
+def locate_for_plan(ref: str) -> tuple[SourceModel, bool]:
+    """A model located for a memory plan: (its SourceModel, whether its weights are here). A model
+    whose weights are not on this machine is planned from its config alone (a local folder with a
+    config.json, or a Hugging Face id whose config is in the cache): a plan for another box."""
+    try:
+        return locate(ref), True
+    except CheckpointError as missing:
+        model_ref, _adapter = split_adapter(ref)
+        name, revision = parse_ref(model_ref)
+        path = Path(name).expanduser()
+        try:
+            if not path.is_dir():
+                path = _from_hub_cache(ref, name, revision, patterns=["config.json"])
+        except CheckpointError:
+            raise missing from None
+        if not (path / "config.json").is_file():
+            raise missing from None
+        return SourceModel(ref, path, "safetensors"), False
 
 
 def _inspect_dir(ref: str, path: Path, allow_bin: bool) -> SourceModel:

@@ -27,9 +27,18 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                              progress=not args.quiet)
     for unknown in recipe.unknown_parameters():
         log.warning("%s: not a parameter of %s; ignored (as mergekit does)", unknown, recipe.merge_method)
+    memory = {"placement": args.placement, "device_memory": args.device_memory, "host_memory": args.host_memory}
+    if args.dry_run:
+        from evomerge.engine import plan_family
+
+        plan = plan_family(recipe.referenced_models(), base_model=recipe.base_model, device=args.device,
+                           dtype=recipe.dtype, out_dtype=recipe.out_dtype, mergekit_exact=args.mergekit_exact,
+                           mapped_vocab=recipe.vocabulary() is not None, delta_cache=False, **memory)
+        print(plan.render())
+        return 0
     out = merge_to_checkpoint(
         recipe, args.out_dir, device=args.device, seed=args.seed, allow_bin=args.allow_bin,
-        progress=not args.quiet, gguf=args.gguf, mergekit_exact=args.mergekit_exact,
+        progress=not args.quiet, gguf=args.gguf, mergekit_exact=args.mergekit_exact, **memory,
     )
     print(f"merged model written to {out}")
     return 0
@@ -107,15 +116,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
         args.space, count = count, "3"  # `--dry-run SPACE.yaml`: the file, not a count
     if args.space is None:
         raise EvomergeError("search: give the search space file (SPACE.yaml)")
-    space = SearchSpace.load(args.space)
-    if args.sampler:
-        space = space.with_sampler(args.sampler)
+    space = SearchSpace.load(args.space).with_settings(
+        sampler=args.sampler, placement=args.placement, device_memory=args.device_memory, host_memory=args.host_memory)
     if count is not None:
+        from evomerge.search import memory_plan
+
         if not count.isdigit() or int(count) < 1:
             raise EvomergeError(f"--dry-run: N must be a whole number above 0, got {count!r}")
         for i, recipe in enumerate(dry_run(space, int(count))):
             print(f"# candidate {i} ({recipe.merge_method})")
             print(recipe.to_yaml())
+        print(memory_plan(space, args.device).render())
         return 0
     common = {"storage": args.storage, "study_name": args.study_name, "n_trials": args.n_trials,
               "timeout": args.timeout, "device": args.device, "results_root": args.results, "threads": args.threads}
@@ -195,6 +206,19 @@ def _gguf_option(parser: argparse.ArgumentParser) -> None:
                              f"({', '.join(K_QUANTS[:2])}, ... need llama.cpp's llama-quantize on PATH)")
 
 
+def _memory_options(parser: argparse.ArgumentParser, *, where: str) -> None:
+    from evomerge.engine.memory import PLACEMENTS
+
+    parser.add_argument("--placement", choices=PLACEMENTS, default=None if where == "search" else "auto",
+                        help="where the sources live: auto (the fastest tier that fits: device, then host memory, then "
+                             "memory-mapped from disk) or one tier for all" + (" (default: the space's)" if where == "search" else ""))
+    parser.add_argument("--device-memory", default=None, metavar="SIZE",
+                        help="memory the plan may use on the device, e.g. 80GB (default: its free memory; needed to "
+                             "plan for a device this machine does not have)")
+    parser.add_argument("--host-memory", default=None, metavar="SIZE",
+                        help="host memory the plan may use (default: the free memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -213,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--mergekit-exact", action="store_true",
                        help="merge with mergekit 0.1.5's arithmetic (in the recipe's dtype, its tie-breaking): the tensors "
                             "mergekit-yaml writes, bit for bit (default: float32 accumulation, one rounding)")
+    merge.add_argument("--dry-run", action="store_true",
+                       help="print the memory plan (GB per part, the tier of each source, seconds per merge) and stop; "
+                            "nothing is loaded")
+    _memory_options(merge, where="merge")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _gguf_option(merge)
     merge.set_defaults(func=_cmd_merge)
@@ -263,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--results", default=None, help="results root (default: the space's results_dir)")
     search.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
     search.add_argument("--dry-run", nargs="?", const="3", default=None, metavar="N",
-                        help="print the first N recipes (default 3) without loading models")
+                        help="print the first N recipes (default 3) and the memory plan, without loading models")
     search.add_argument("--workers", type=int, default=1,
                         help="local worker processes on the study (one per GPU when there are several)")
     search.add_argument("--worker", action="store_true",
@@ -271,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--sampler", default=None,
                         help="cmaes, tpe, random, nsga2, greedy_soup or uniform_soup: override the space's sampler; the trials join the same study (e.g. a soup baseline "
                              "beside a CMA-ES search)")
+    _memory_options(search, where="search")
     search.add_argument("--reproduce", default=None, metavar="RESULTS_DIR",
                         help="re-run the finished study of a results folder from scratch and report, per trial, "
                              "whether parameters match and the largest score difference")

@@ -30,3 +30,7 @@ class OutputError(EvomergeError):
 
 class MergeFailure(EvomergeError):
     """A recipe was valid but its merge produced unusable weights (NaN/inf, numerical failure)."""
+
+
+class DoesNotFit(EvomergeError):
+    """The memory plan finds no placement: the message names the largest consumer and what would fit."""

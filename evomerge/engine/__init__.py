@@ -10,7 +10,57 @@ from evomerge.engine.export import check_output_dir, save_checkpoint
 from evomerge.methods import get as get_method
 from evomerge.recipe import Recipe
 
-__all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "save_checkpoint"]
+__all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "plan_family", "save_checkpoint"]
+
+
+def plan_family(
+    refs: list[str],
+    *,
+    base_model: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+    mergekit_exact: bool = False,
+    mapped_vocab: bool = False,
+    placement: str = "auto",
+    device_memory: int | str | None = None,
+    host_memory: int | str | None = None,
+    evaluation: tuple[int, int] | None = None,
+    output_layers: int | None = None,
+    delta_cache: bool | str = "auto",
+):
+    """The memory plan MergeEngine would make for these sources, without reading a weight: from their
+    configs (models whose weights are not on this machine are planned from a cached config.json), for
+    `device` whether or not it is here (an absent one needs `device_memory`; auto: what the engine would
+    pick on this machine)."""
+    import torch
+
+    from evomerge.checkpoint import locate_for_plan
+    from evomerge.device import parse_dtype
+    from evomerge.engine import memory
+    from evomerge.engine.engine import why_not_streamable
+    from evomerge.methods.kernels import accumulation_dtype
+
+    refs = list(dict.fromkeys([*([base_model] if base_model else []), *refs]))
+    located = {ref: locate_for_plan(ref) for ref in refs}
+    reference = base_model or refs[0]
+    target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
+    present = target.type != "cuda" or torch.cuda.is_available()
+    source, here = located[reference]
+    stored = source.stored_dtype() if here else source.config_dtype() or torch.float32
+    dtype = parse_dtype(dtype) or stored
+    out = parse_dtype(out_dtype, field="out_dtype") or dtype
+    streamable = {ref: why_not_streamable(src) for ref, (src, _) in located.items()}
+    plan = memory.plan_for(
+        {ref: src.config for ref, (src, _) in located.items()}, streamable, reference=reference, device=target,
+        present=present, dtype=dtype, out_dtype=out, compute_dtype=dtype if mergekit_exact else accumulation_dtype(dtype),
+        base=base_model or reference, placement=placement, device_memory=device_memory, host_memory=host_memory,
+        mapped_vocab=mapped_vocab, output_layers=output_layers, evaluation=evaluation,
+        cache=False if mergekit_exact else delta_cache)
+    absent = [ref for ref, (_, here) in located.items() if not here]
+    if absent:
+        plan.notes.append(f"weights not on this machine, planned from their configs as safetensors: {', '.join(absent)}")
+    return plan
 
 
 def merge_to_checkpoint(
@@ -24,10 +74,14 @@ def merge_to_checkpoint(
     card: str = "",
     gguf: list[str] | tuple[str, ...] = (),
     mergekit_exact: bool = False,
+    placement: str = "auto",
+    device_memory: int | str | None = None,
+    host_memory: int | str | None = None,
 ) -> Path:
     """`mergekit-yaml` equivalent: merge a recipe and write a Hugging Face checkpoint (`card`: more
     Markdown for its model card; `gguf`: GGUF types to write beside it, checked before merging;
-    `mergekit_exact`: mergekit 0.1.5's arithmetic, so the tensors are mergekit's bit for bit)."""
+    `mergekit_exact`: mergekit 0.1.5's arithmetic, so the tensors are mergekit's bit for bit; `placement`,
+    `device_memory`, `host_memory`: where the sources live, see evomerge.engine.memory)."""
     from evomerge.engine.gguf import check_config, check_types
 
     gguf = check_types(gguf)
@@ -42,6 +96,9 @@ def merge_to_checkpoint(
         delta_cache=False,  # one recipe: caching task vectors would only cost memory
         tokenizer=recipe.vocabulary(),  # the output vocabulary, built (or refused) before anything is merged
         mergekit_exact=mergekit_exact,
+        placement=placement,
+        device_memory=device_memory,
+        host_memory=host_memory,
         progress=progress,
     )
     if mergekit_exact:

@@ -1,10 +1,11 @@
-"""The merge engine: sources resident on one device, recipes materialised in place.
+"""The merge engine: sources placed once, recipes materialised in place.
 
-Loading happens once: every source tensor goes into a stack `[n_models, *shape]` on the chosen
-device and dtype. Each recipe is then planned (no tensors) and executed tensor by tensor
+Before anything loads, the memory planner (evomerge.engine.memory) counts what the engine will
+hold and places each source on a tier: resident on the device (its tensors in per-tensor stacks
+`[n_models, *shape]`), in host memory, or memory-mapped from its safetensors files
+(evomerge.engine.store). Each recipe is then planned (no tensors) and executed tensor by tensor
 straight into the parameters of one preallocated transformers model, so a candidate costs one
-pass over the sources and no disk I/O. Memory: the sources, the task-vector cache when it fits,
-one model, and scratch for the largest tensor.
+pass over the sources and no disk writes. Merges are bit-identical on every tier.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -20,8 +22,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from evomerge.checkpoint import SourceModel, locate
-from evomerge.device import available_bytes, dtype_name, parse_dtype, resolve_device
+from evomerge.device import dtype_name, parse_dtype, resolve_device
+from evomerge.engine import memory
 from evomerge.engine.plan import Job, Layout, Plan, plan_recipe
+from evomerge.engine.store import ALIGN, SourceStore
 from evomerge.engine.vocab import Vocabulary, build_vocabulary
 from evomerge.errors import ArchitectureMismatch, MergeFailure, RecipeError
 from evomerge.methods.kernels import Workspace, accumulation_dtype, weighted_sum
@@ -56,13 +60,17 @@ class MergeEngine:
     base_model: reference whose config shapes the output (default: the first model)
     dtype:    dtype the sources are held in (default: the base checkpoint's)
     out_dtype: dtype of the output model (default: dtype)
-    delta_cache: cache task vectors (source - base) across recipes: True, False or "auto"
-                 (when they fit in the free memory of the device, with a 25% margin)
+    delta_cache: cache task vectors (source - base, in the compute dtype) across recipes: True,
+                 False or "auto" (when the memory plan has room for them on the device)
     tokenizer: the recipes' tokenizer setting (mergekit's `tokenizer:` block): every source's
                embedding and LM-head rows are mapped onto its output vocabulary
     mergekit_exact: merge with mergekit 0.1.5's arithmetic (evomerge.methods.exact): in `dtype`,
                operation for operation, so a published recipe gives mergekit's tensors bit for bit;
                no fused weighted sums and no task-vector cache
+    placement: where the sources live: "auto" (the fastest tier that fits), "device", "host" or "disk"
+    device_memory / host_memory: bytes (or "80GB") the plan may use, default the free memory measured now
+    evaluation: (batch, tokens) the evaluator will run on the resident model, counted in the plan
+    output_layers: the most layers a recipe will give the output (layer stacking), counted in the plan
     """
 
     def __init__(
@@ -77,6 +85,11 @@ class MergeEngine:
         delta_cache: bool | str = "auto",
         tokenizer: TokenizerSetting | None = None,
         mergekit_exact: bool = False,
+        placement: str = "auto",
+        device_memory: int | str | None = None,
+        host_memory: int | str | None = None,
+        evaluation: tuple[int, int] | None = None,
+        output_layers: int | None = None,
         progress: bool = True,
     ):
         refs = list(dict.fromkeys(models))
@@ -96,24 +109,47 @@ class MergeEngine:
         # mergekit-exact merges compute as mergekit does, in the sources' dtype.
         self.mergekit_exact = mergekit_exact
         self.compute_dtype = self.dtype if mergekit_exact else accumulation_dtype(self.dtype)
-        self.delta_cache_mode = False if mergekit_exact else delta_cache
+        self.compute_size = torch.empty((), dtype=self.compute_dtype).element_size()
+        if mergekit_exact:
+            delta_cache = False
         self.tokenizer_setting = tokenizer
         self.vocabulary: Vocabulary | None = (
             build_vocabulary(tokenizer, self.sources, self.reference) if tokenizer is not None else None)
 
         self.model_layers = {ref: src.num_layers for ref, src in self.sources.items()}
         self._check_architectures()
+        self.memory_plan = self._plan_memory(base_model, placement, device_memory, host_memory, evaluation,
+                                             output_layers, delta_cache)
         skeleton = self._build_model(self.model_layers[self.reference])
         self.layout = Layout.of(skeleton, self.model_layers[self.reference])
         self._check_tensors(skeleton)
         self._model: nn.Module | None = skeleton
+        self.store = SourceStore(self.device, self.dtype, self.memory_plan.tiers)
         self._load()
         self._deltas: dict[str, torch.Tensor] = {}
         self._delta_base: str | tuple | None = None
+        self._upcoming: tuple | None = None  # the next job's inputs, read ahead from the host and disk tiers
         self.workspace = Workspace()  # scratch reused by every candidate: no page faults per merge
         self.last_stats = MergeStats()
 
     # ------------------------------------------------------------------ setup
+
+    def _plan_memory(self, base, placement, device_memory, host_memory, evaluation, output_layers, delta_cache):
+        """The memory plan, from the configs and free memory measured before anything is allocated."""
+        plan = memory.plan_for(
+            {ref: src.config for ref, src in self.sources.items()},
+            {ref: why_not_streamable(src) for ref, src in self.sources.items()},
+            reference=self.reference, device=self.device, present=True, dtype=self.dtype, out_dtype=self.out_dtype,
+            compute_dtype=self.compute_dtype, base=base or self.reference, placement=placement,
+            device_memory=device_memory, host_memory=host_memory, mapped_vocab=self.vocabulary is not None,
+            output_layers=output_layers, evaluation=evaluation, cache=delta_cache)
+        tiers = {tier: sum(t == tier for t in plan.tiers.values()) for tier in memory.TIERS}
+        log.info("memory plan on %s: %.2f GB of %.2f GB usable; sources on %s; task-vector cache %s",
+                 self.device, plan.device_total / 1e9, plan.device_budget / 1e9,
+                 ", ".join(f"{tier} {n}" for tier, n in tiers.items() if n), "on" if plan.cache else "off")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", plan.render())
+        return plan
 
     def _check_architectures(self) -> None:
         ref_cfg = self.sources[self.reference].config
@@ -177,24 +213,27 @@ class MergeEngine:
         return self.shapes[name]
 
     def _load(self) -> None:
-        """Reads every source once into per-tensor stacks on the device."""
-        self.rows: dict[str, dict[str, int]] = {}  # tensor name -> {model ref: row}
+        """Reads every device- and host-tier source once (device tier: into per-tensor stacks) and maps
+        the disk-tier ones; mapped vocabulary rows are loaded onto the device whatever the tier."""
         self.vocab_tensors: dict[str, dict[str, torch.Tensor]] = {}  # mapped name -> {model ref: its own rows}
         self._vocab_maps: dict[tuple, list[torch.Tensor]] = {}  # (name, models, base) -> mapped, per model
+        tiers = self.memory_plan.tiers
+        holders: dict[str, list[str]] = {}
         for ref in self.refs:
             for name in self._model_names(ref):
-                if self._mapped(name):
-                    continue
-                rows = self.rows.setdefault(name, {})
-                rows[ref] = len(rows)
-        self.stacks: dict[str, torch.Tensor] = {
-            name: torch.empty((len(rows), *self.shapes[name]), dtype=self.dtype, device=self.device)
-            for name, rows in self.rows.items()
-        }
-        total = sum(len(self._model_names(r)) for r in self.refs)
+                if not self._mapped(name) and tiers[ref] == "device":
+                    holders.setdefault(name, []).append(ref)
+        self.store.allocate_stacks(holders, self.shapes)
+        for ref in self.refs:
+            if tiers[ref] == "disk":
+                self.store.map(ref, self.sources[ref].files)
+        loading = [r for r in self.refs if tiers[r] != "disk" or self.vocabulary is not None]
+        total = sum(len(self._model_names(r)) if tiers[r] != "disk" else len(self.layout.vocab) for r in loading)
         with tqdm(total=total, desc="loading sources", unit="tensor", disable=not self.progress) as bar:
-            for ref in self.refs:
+            for ref in loading:
                 wanted = set(self._model_names(ref))
+                if tiers[ref] == "disk":
+                    wanted &= set(self.layout.vocab)
                 loaded = set()
                 for name, tensor in self.sources[ref].iter_tensors(wanted, self.dtype, self.device):
                     expected = self._source_shape(ref, name)
@@ -205,34 +244,39 @@ class MergeEngine:
                     if self._mapped(name):
                         self.vocab_tensors.setdefault(name, {})[ref] = tensor.contiguous()
                     else:
-                        self.stacks[name][self.rows[name][ref]].copy_(tensor)
+                        self.store.put(ref, name, tensor)
                     loaded.add(name)
                     bar.update(1)
                 missing = wanted - loaded
                 if missing:
                     raise ArchitectureMismatch(f"model '{ref}' has no tensor '{sorted(missing)[0]}' ({len(missing)} missing)")
         log.info(
-            "loaded %d source models (%s, %s) on %s: %.2f GB resident",
+            "loaded %d source models (%s, %s) on %s: %.2f GB on the device, %.2f GB on the host, %d memory-mapped",
             len(self.refs), dtype_name(self.dtype), self.sources[self.reference].config.model_type,
-            self.device, self.source_bytes / 1e9,
+            self.device, self.source_bytes / 1e9, self.store.resident_bytes["host"] / 1e9,
+            sum(t == "disk" for t in tiers.values()),
         )
 
     @property
     def source_bytes(self) -> int:
-        tensors = [*self.stacks.values(), *(t for by_ref in self.vocab_tensors.values() for t in by_ref.values())]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of source tensors held on the device (stacks and mapped vocabulary rows)."""
+        vocab = sum(t.numel() * t.element_size() for by_ref in self.vocab_tensors.values() for t in by_ref.values())
+        return self.store.resident_bytes["device"] + vocab
 
     def source_tensor(self, ref: str, name: str) -> torch.Tensor:
-        """Source `ref`'s tensor `name` (a mapped vocabulary tensor: its own rows, not yet mapped)."""
+        """Source `ref`'s tensor `name` where it lies (a mapped vocabulary tensor: its own rows, not yet mapped)."""
         if self._mapped(name):
             return self.vocab_tensors[name][ref]
-        return self.stacks[name][self.rows[name][ref]]
+        return self.store.get(ref, name)
 
     def _inputs(self, job: Job) -> list[torch.Tensor]:
-        """The input tensors of a job; a vocabulary tensor's mapped onto the output vocabulary once
-        per (tensor, models, base) and kept, since the rows a model lacks depend on its company."""
+        """The input tensors of a job on the device; a vocabulary tensor's mapped onto the output
+        vocabulary once per (tensor, models, base) and kept, since the rows a model lacks depend on its company."""
         if not self._mapped(job.name):
-            return [self.source_tensor(model, name) for model, name in job.sources]
+            inputs = self.store.fetch(job.sources)
+            if self._upcoming is not None:
+                self.store.prefetch(self._upcoming)  # the next job's reads overlap this job's arithmetic
+            return inputs
         key = (job.name, job.sources, job.base_model)
         if key not in self._vocab_maps:
             if len(self._vocab_maps) >= 8:  # recipes over other subsets of the models: keep the latest
@@ -311,8 +355,11 @@ class MergeEngine:
         model = self.model_for(plan)
         params = {name: p.data for name, p in model.named_parameters()}
         stats = MergeStats()
-        for job in tqdm(plan.jobs, desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress):
+        jobs = plan.jobs
+        for i, job in enumerate(tqdm(jobs, desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress)):
             target = params[job.name]
+            upcoming = jobs[i + 1] if i + 1 < len(jobs) else None
+            self._upcoming = upcoming.sources if upcoming is not None and not self._mapped(upcoming.name) else None
             try:
                 self._run(plan, job, target, seed, stats)
             except Exception as exc:
@@ -365,12 +412,13 @@ class MergeEngine:
     # ------------------------------------------------------------------ task-vector cache
 
     def _delta(self, model: str, name: str) -> torch.Tensor:
-        return self._deltas[name][self._delta_rows[name][model]]
+        shape = self.shapes[name]
+        return self._deltas[name][self._delta_rows[name][model], : math.prod(shape)].view(shape)
 
     def _deltas_ready(self, base: str) -> bool:
         """Task vectors against `base`, computed on first need (one pass) and kept while the
         recipes use that base, when caching is on and they fit."""
-        if self.delta_cache_mode is False:
+        if not self.memory_plan.cache:
             return False
         if base == self._delta_base:
             return True
@@ -378,35 +426,35 @@ class MergeEngine:
             return False
         self._deltas, self._delta_base = {}, None
         size = sum(
-            self.stacks[name][0].numel() * self.stacks[name].element_size() * (len(rows) - 1)
-            for name, rows in self.rows.items()
+            math.prod(self.shapes[name]) * self.compute_size * (len(rows) - 1)
+            for name, rows in self.store.rows.items()
             if base in rows
         )
-        if self.delta_cache_mode == "auto":
-            free = available_bytes(self.device)
-            if size * 1.25 > free:
-                log.info("task-vector cache skipped: needs %.2f GB, %.2f GB free", size / 1e9, free / 1e9)
-                self._delta_base = ("skipped", base)
-                return False
+        if size > self.memory_plan.needs.cache:  # another base than the plan's, with more rows
+            log.info("task-vector cache skipped: needs %.2f GB, the plan has %.2f GB", size / 1e9,
+                     self.memory_plan.needs.cache / 1e9)
+            self._delta_base = ("skipped", base)
+            return False
         self._delta_rows: dict[str, dict[str, int]] = {}
-        for name, rows in self.rows.items():
+        for name, rows in self.store.rows.items():
             if base not in rows:
                 continue
             members = [r for r in rows if r != base]
-            stack = self.stacks[name]
-            base_row = stack[rows[base]]
-            deltas = torch.empty((len(members), *base_row.shape), dtype=self.dtype, device=self.device)
-            for i, ref in enumerate(members):
-                torch.sub(stack[rows[ref]], base_row, out=deltas[i])
-            self._deltas[name] = deltas
+            base_row = self.store.row(base, name).to(self.compute_dtype)
+            # in the compute dtype, as computed without the cache: results never depend on whether it fits
+            per_align = ALIGN // self.compute_size  # rows on 64-byte boundaries, as every tier's tensors
+            padded = -(-base_row.numel() // per_align) * per_align
+            self._deltas[name] = torch.empty((len(members), padded), dtype=self.compute_dtype, device=self.device)
             self._delta_rows[name] = {ref: i for i, ref in enumerate(members)}
+            for ref in members:
+                torch.sub(self.store.row(ref, name), base_row, out=self._delta(ref, name))
         self._delta_base = base
         log.info("cached task vectors against '%s' (%.2f GB)", base, size / 1e9)
         return True
 
     def release(self) -> None:
         """Frees the resident tensors (the engine is unusable afterwards)."""
-        self.stacks.clear()
+        self.store.clear()
         self.vocab_tensors.clear()
         self._vocab_maps.clear()
         self._deltas.clear()
@@ -414,6 +462,17 @@ class MergeEngine:
         self._model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def why_not_streamable(source: SourceModel) -> str | None:
+    """None when the disk tier can stream the source's tensors from its safetensors files, else why not."""
+    if source.kind != "safetensors":
+        return f"{source.kind} weights are read whole (only safetensors stream)"
+    if source.adapter is not None:
+        return "a LoRA adapter is merged into it on load"
+    if source.converted:
+        return "transformers converts its tensors on load (e.g. Mixtral experts)"
+    return None
 
 
 def _vocabulary_text(setting: TokenizerSetting | None) -> str:

@@ -32,7 +32,7 @@ from evomerge.trials import STUDY_SPACE, study_task_names
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchJob", "SearchSpace", "Searcher", "run", "run_search", "run_worker", "dry_run",
+__all__ = ["SearchJob", "SearchSpace", "Searcher", "run", "run_search", "run_worker", "dry_run", "memory_plan",
            "evaluate_heldout", "write_report", "worker_environment"]
 
 
@@ -212,6 +212,22 @@ def _portable_refs(study: optuna.Study) -> dict[str, str]:
         return SearchSpace.from_dict(config).portable_refs
     except EvomergeError:
         return {}
+
+
+def memory_plan(space: SearchSpace, device: str | None = None):
+    """The memory plan a search of this space would make on `device` (default: the space's), from the
+    models' configs alone: nothing is loaded (see evomerge.engine.memory)."""
+    import torch
+
+    from evomerge.engine import plan_family
+
+    device = device or space.config.device
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+    c = space.config
+    return plan_family(list(space.models.values()), base_model=space.base, device=device, dtype=c.dtype,
+                       out_dtype=c.out_dtype, mergekit_exact=c.mergekit_exact, mapped_vocab=space.tokenizer is not None,
+                       placement=c.placement, device_memory=c.device_memory, host_memory=c.host_memory,
+                       evaluation=space.evaluation_shape(device_type), output_layers=space.output_layers)
 
 
 def dry_run(space: SearchSpace, count: int = 3) -> list[Recipe]:

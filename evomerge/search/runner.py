@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from evomerge import trials as record
-from evomerge.device import use_threads
+from evomerge.device import resolve_device, use_threads
 from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError, MergeFailure, SpaceError
 from evomerge.evaluation import Evaluator, Scores
@@ -159,7 +159,10 @@ class Searcher:
         refs = list(dict.fromkeys([*([self.space.base] if self.space.base else []), *self.space.models.values()]))
         self.engine = MergeEngine(refs, base_model=self.space.base, device=self.device, dtype=config.dtype,
                                   out_dtype=config.out_dtype, tokenizer=self.space.tokenizer,
-                                  mergekit_exact=config.mergekit_exact, progress=self.progress)
+                                  mergekit_exact=config.mergekit_exact, placement=config.placement,
+                                  device_memory=config.device_memory, host_memory=config.host_memory,
+                                  evaluation=self.space.evaluation_shape(resolve_device(self.device).type),
+                                  output_layers=self.space.output_layers, progress=self.progress)
         # candidates speak the output vocabulary when there is one, else the base's
         vocabulary = self.engine.vocabulary
         tokenizer = vocabulary.tokenizer if vocabulary else self.engine.sources[self.engine.reference].tokenizer()

@@ -118,6 +118,10 @@ class SpaceConfig(_Strict):
     # `evomerge merge --mergekit-exact` and mergekit-yaml give for the trial's recipe, bit for bit.
     mergekit_exact: bool = False
     batch_size: Union[Literal["auto"], int] = "auto"  # auto: largest that fits on a GPU, 8 on a CPU
+    # Where the sources live (evomerge.engine.memory): the fastest tier that fits, or one for all.
+    placement: Literal["auto", "device", "host", "disk"] = "auto"
+    device_memory: Optional[Union[str, float]] = None  # e.g. "80GB"; default: the device's free memory
+    host_memory: Optional[Union[str, float]] = None  # default: the host's free memory
     storage: Optional[str] = None
     pruning: Pruning = Field(default_factory=Pruning)
     results_dir: str = "results"
@@ -126,6 +130,17 @@ class SpaceConfig(_Strict):
     @classmethod
     def _name(cls, value):
         return value if value is None else check_study_name(value)
+
+    @field_validator("device_memory", "host_memory")
+    @classmethod
+    def _memory(cls, value, info):
+        from evomerge.engine.memory import parse_bytes
+
+        try:
+            parse_bytes(value, field=info.field_name)
+        except EvomergeError as exc:
+            raise ValueError(str(exc).split(": ", 1)[1]) from None
+        return value
 
     @field_validator("methods")
     @classmethod
@@ -354,8 +369,31 @@ class SearchSpace:
 
     def with_sampler(self, sampler: str) -> "SearchSpace":
         """The same space proposed by another sampler (same study: the sampler is not part of it)."""
-        return SearchSpace.from_dict({**self.config.model_dump(mode="json", exclude_unset=True), "sampler": sampler},
+        return self.with_settings(sampler=sampler)
+
+    def with_settings(self, **settings) -> "SearchSpace":
+        """The same space with settings that are not part of the study (sampler, placement, memory
+        budgets) changed; None leaves a setting as the space has it."""
+        changes = {key: value for key, value in settings.items() if value is not None}
+        return SearchSpace.from_dict({**self.config.model_dump(mode="json", exclude_unset=True), **changes},
                                      self.source)
+
+    @property
+    def output_layers(self) -> int | None:
+        """The layers a stacked output has (None: as many as the base)."""
+        stacking = self.config.stacking
+        return stacking.slots * stacking.block if stacking else None
+
+    def evaluation_shape(self, device_type: str) -> tuple[int, int]:
+        """(batch, tokens) the memory plan reserves for evaluation: the space's batch size (auto: 8 on a
+        CPU; on a GPU lm-eval's own search takes what is left, so one sequence is reserved), at
+        lm-eval's default context of 2048 tokens, capped by the model's."""
+        from evomerge.engine.memory import DEFAULT_EVAL_TOKENS
+
+        batch = self.config.batch_size
+        if batch == "auto":
+            batch = 1 if device_type == "cuda" else 8
+        return batch, DEFAULT_EVAL_TOKENS
 
     def _common(self) -> dict[str, Any]:
         common: dict[str, Any] = {"dtype": self.config.dtype}
