@@ -11,7 +11,12 @@ shapes; float32 files, held in bfloat16 as demo.yaml does). Per tier and method:
 The ratio column is measured / bound (1.0 = at the bound). The task-vector cache is off on every tier
 (it only exists on the device tier), so the tiers are compared on the same arithmetic.
 
-Usage: python benchmarks/placement.py [--reps 3] [--methods task_arithmetic,ties,dare_ties] [--no-cold]
+On CUDA (--device cuda) the bound is the plan's own (evomerge.engine.memory.MemoryPlan.
+seconds_per_candidate with bandwidths measured on that GPU: HBM for the device tier, pinned
+host-to-device copies for the host tier) and the cold rows drop the page cache the same way.
+
+Usage: python benchmarks/placement.py [--device cpu|cuda] [--reps 3] [--methods task_arithmetic,ties,dare_ties]
+                                      [--no-cold]
 """
 
 from __future__ import annotations
@@ -62,13 +67,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--methods", default="task_arithmetic,ties,dare_ties")
     parser.add_argument("--no-cold", action="store_true")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
     base = ensure_base()
     refs = [str(base), *(str(p) for p in derived_copies(base))]
     file_bytes = sum((Path(r) / "model.safetensors").stat().st_size for r in refs)
-    bw = memory.bandwidths(torch.device("cpu"), present=True)
+    device = torch.device(args.device)
+    bw = memory.bandwidths(device, present=True)
     tiers = ["device", "host", "disk"] + ([] if args.no_cold else ["disk (cold)"])
     disk_bw = None
     if "disk (cold)" in tiers:
@@ -77,17 +84,20 @@ def main() -> None:
         else:
             tiers.remove("disk (cold)")
             print("# cold-disk rows skipped: dropping the page cache needs root")
-    print(f"# {os.cpu_count()} cores; copy bandwidth {bw.device / 1e9:.1f} GB/s (read + write)"
+    print(f"# {device}, {os.cpu_count()} cores; copy bandwidth {bw.device / 1e9:.1f} GB/s (read + write)"
+          + (f"; pinned host-to-device {bw.host / 1e9:.1f} GB/s" if device.type == "cuda" else "")
           + (f"; cold disk read {disk_bw / 1e9:.2f} GB/s" if disk_bw else ""))
     rows = []
     for tier in tiers:
         placement = tier.split()[0]
-        engine = MergeEngine(refs, base_model=refs[0], device="cpu", dtype="bfloat16", placement=placement,
+        engine = MergeEngine(refs, base_model=refs[0], device=device, dtype="bfloat16", placement=placement,
                              delta_cache=False, progress=False)
         plan = engine.memory_plan
         sources = sum(s.bytes for s in plan.needs.sources)
         out = plan.needs.model
-        if placement in ("device", "host"):
+        if device.type == "cuda" and tier != "disk (cold)":
+            bound = plan.seconds_per_candidate()["total"]
+        elif placement in ("device", "host"):
             bound = (sources + out) / bw.device
         elif tier == "disk":
             bound = (file_bytes + sources + out) / bw.device
@@ -102,6 +112,8 @@ def main() -> None:
                     drop_page_cache()
                 start = time.perf_counter()
                 engine.materialize(r, seed=i)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
             seconds = statistics.median(times)
             rows.append((tier, method, seconds, bound, seconds / bound))

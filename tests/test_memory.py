@@ -65,9 +65,9 @@ def families(tiny_family, tmp_path_factory):
     return {"float32": tiny_family, "bfloat16": _bf16_family(tiny_family, tmp_path_factory.mktemp("bf16"))}
 
 
-def _engine(family, dtype, **kwargs) -> MergeEngine:
+def _engine(family, dtype, device="cpu", **kwargs) -> MergeEngine:
     refs = [family[k] for k in ("base", "ft_math", "ft_code", "ft_knowledge")]
-    return MergeEngine(refs, base_model=family["base"], device="cpu", dtype=dtype, progress=False, **kwargs)
+    return MergeEngine(refs, base_model=family["base"], device=device, dtype=dtype, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("stored, dtype", [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "float32"),
@@ -302,9 +302,7 @@ def test_cuda_tiers_give_the_device_tiers_bits(tiny_family):
     """On a GPU: the host tier (pinned, copied on a side stream) and the disk tier give the device tier's bits."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (none on this machine)")
-    refs = [tiny_family[k] for k in ("base", "ft_math", "ft_code", "ft_knowledge")]
-    engines = {p: MergeEngine(refs, base_model=tiny_family["base"], device="cuda", dtype="bfloat16", placement=p,
-                              progress=False) for p in ("device", "host", "disk")}
+    engines = {p: _engine(tiny_family, "bfloat16", "cuda", placement=p) for p in ("device", "host", "disk")}
     assert engines["host"].store._streamer is not None
     for name in RECIPES:
         recipe = _recipe(name, tiny_family)
@@ -316,21 +314,16 @@ def test_cuda_tiers_give_the_device_tiers_bits(tiny_family):
 
 @pytest.mark.cuda
 def test_cuda_plan_counts_match_cuda_allocations(tiny_family):
+    """On a GPU: what the engine allocated on the device at load is the plan's sources + resident model."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (none on this machine)")
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    engine = _engine_cuda(tiny_family)
+    engine = _engine(tiny_family, "bfloat16", "cuda", delta_cache=False)
     needs = engine.memory_plan.needs
     allocated = torch.cuda.memory_allocated() - before
     expected = sum(s.bytes for s in needs.sources) + needs.model
     assert abs(allocated - expected) <= 0.02 * expected + 2**20, (allocated, expected)
-
-
-def _engine_cuda(family):
-    refs = [family[k] for k in ("base", "ft_math", "ft_code", "ft_knowledge")]
-    return MergeEngine(refs, base_model=family["base"], device="cuda", dtype="bfloat16", delta_cache=False,
-                       progress=False)
 
 
 def test_the_memory_plan_text_reads_as_documented():
