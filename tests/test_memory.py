@@ -145,7 +145,7 @@ def test_planner_byte_counts_on_the_demo_family():
     from evomerge.demo.family import build_family
 
     family = build_family(progress=False)
-    refs = [str(family.base), *(str(p) for p in family.members.values())]
+    refs = [str(p) for p in family.members.values()]  # the base first
     engine = MergeEngine(refs, base_model=refs[0], device="cpu", dtype="bfloat16", delta_cache=True,
                          evaluation=(2, 64), progress=False)
     needs = engine.memory_plan.needs
