@@ -24,6 +24,9 @@ from evomerge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+# safetensors' names of the floating dtypes
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -176,25 +179,18 @@ class SourceModel:
             return list(self.files)
         return [*self.files, *sorted(self.adapter.glob("adapter_model.*")), self.adapter / "adapter_config.json"]
 
-    def config_dtype(self) -> torch.dtype | None:
-        """The floating dtype the config declares, if any."""
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint declares (config), else that of its first floating tensor (float32
+        for a model located from its config alone)."""
         declared = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
         if isinstance(declared, str):
             declared = getattr(torch, declared, None)
-        return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else None
-
-    def stored_dtype(self) -> torch.dtype:
-        """The dtype the checkpoint declares (config), else that of its first floating tensor."""
-        declared = self.config_dtype()
-        if declared is not None:
+        if isinstance(declared, torch.dtype) and declared.is_floating_point:
             return declared
-        if self.kind == "safetensors":
-
+        if self.kind == "safetensors" and self.files:
             with _open_safetensors(self.files[0], self.ref) as handle:
                 for name in handle.keys():
-                    tensor = handle.get_slice(name)
-                    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                             "F64": torch.float64}.get(tensor.get_dtype())
+                    dtype = SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
                     if dtype is not None:
                         return dtype
         return torch.float32
@@ -239,8 +235,14 @@ class _open_safetensors:
 
 
 def _safetensors_data_end(file: Path, ref: str) -> int:
-    """Bytes a safetensors file must have according to its header, which is checked first: a header
-    that is not a JSON object of tensors with integer data offsets is a corrupt file, named."""
+    """Bytes a safetensors file must have according to its header (see safetensors_header)."""
+    data_start, header = safetensors_header(file, ref)
+    return data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+
+
+def safetensors_header(file: Path, ref: str) -> tuple[int, dict]:
+    """(where the data starts, the header without its __metadata__), checked: a header that is not a
+    JSON object of tensors with integer data offsets is a corrupt file, named."""
     def corrupt(why: str) -> CheckpointError:
         return CheckpointError(f"model '{ref}': {file.name} is not a valid safetensors file: {why}")
 
@@ -255,15 +257,12 @@ def _safetensors_data_end(file: Path, ref: str) -> int:
             raise corrupt("its header is not JSON") from None
     if not isinstance(header, dict):
         raise corrupt(f"its header is a JSON {type(header).__name__}, not an object")
-    ends = []
+    header.pop("__metadata__", None)
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
             raise corrupt(f"tensor '{name}' has no valid data_offsets")
-        ends.append(offsets[1])
-    return 8 + header_len + max(ends, default=0)
+    return 8 + header_len, header
 
 
 def split_adapter(ref: str) -> tuple[str, str | None]:

@@ -31,13 +31,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """'auto' means CUDA when present, else CPU."""
+def target_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The device a name means ('auto': CUDA when present, else CPU), whether or not this machine has it
+    (a memory plan for another box)."""
     if isinstance(name, torch.device):
         return name
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    return torch.device(name)
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """target_device, on this machine: a CUDA device named that it lacks is an error."""
+    if isinstance(name, torch.device):
+        return name
+    device = target_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvomergeError(f"device {name!r} requested but CUDA is not available on this machine")
     return device

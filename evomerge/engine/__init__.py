@@ -36,27 +36,19 @@ def plan_family(
     import torch
 
     from evomerge.checkpoint import locate_for_plan
-    from evomerge.device import parse_dtype
-    from evomerge.engine import memory
-    from evomerge.engine.engine import why_not_streamable
-    from evomerge.methods.kernels import accumulation_dtype
+    from evomerge.device import target_device
+    from evomerge.engine.engine import plan_sources, resolve_dtypes
 
     refs = list(dict.fromkeys([*([base_model] if base_model else []), *refs]))
     located = {ref: locate_for_plan(ref) for ref in refs}
+    sources = {ref: source for ref, (source, _) in located.items()}
     reference = base_model or refs[0]
-    target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
-    present = target.type != "cuda" or torch.cuda.is_available()
-    source, here = located[reference]
-    stored = source.stored_dtype() if here else source.config_dtype() or torch.float32
-    dtype = parse_dtype(dtype) or stored
-    out = parse_dtype(out_dtype, field="out_dtype") or dtype
-    streamable = {ref: why_not_streamable(src) for ref, (src, _) in located.items()}
-    plan = memory.plan_for(
-        {ref: src.config for ref, (src, _) in located.items()}, streamable, reference=reference, device=target,
-        present=present, dtype=dtype, out_dtype=out, compute_dtype=dtype if mergekit_exact else accumulation_dtype(dtype),
-        base=base_model or reference, placement=placement, device_memory=device_memory, host_memory=host_memory,
-        mapped_vocab=mapped_vocab, output_layers=output_layers, evaluation=evaluation,
-        cache=False if mergekit_exact else delta_cache)
+    target = target_device(device)
+    plan = plan_sources(
+        sources, reference=reference, device=target, present=target.type != "cuda" or torch.cuda.is_available(),
+        dtypes=resolve_dtypes(sources[reference], dtype, out_dtype, mergekit_exact), mergekit_exact=mergekit_exact,
+        base=base_model, delta_cache=delta_cache, placement=placement, device_memory=device_memory,
+        host_memory=host_memory, mapped_vocab=mapped_vocab, output_layers=output_layers, evaluation=evaluation)
     absent = [ref for ref, (_, here) in located.items() if not here]
     if absent:
         plan.notes.append(f"weights not on this machine, planned from their configs as safetensors: {', '.join(absent)}")

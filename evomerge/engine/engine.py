@@ -102,24 +102,19 @@ class MergeEngine:
         self.sources: dict[str, SourceModel] = {ref: locate(ref, allow_bin=allow_bin) for ref in refs}
         self.refs = refs
         self.reference = base_model or refs[0]
-        reference = self.sources[self.reference]
-        self.dtype = parse_dtype(dtype) or reference.stored_dtype()
-        self.out_dtype = parse_dtype(out_dtype, field="out_dtype") or self.dtype
-        # Merge arithmetic runs in float32 (float64 stays float64): half precision loses the small deltas;
-        # mergekit-exact merges compute as mergekit does, in the sources' dtype.
+        self.dtype, self.out_dtype, self.compute_dtype = resolve_dtypes(
+            self.sources[self.reference], dtype, out_dtype, mergekit_exact)
         self.mergekit_exact = mergekit_exact
-        self.compute_dtype = self.dtype if mergekit_exact else accumulation_dtype(self.dtype)
         self.compute_size = torch.empty((), dtype=self.compute_dtype).element_size()
-        if mergekit_exact:
-            delta_cache = False
         self.tokenizer_setting = tokenizer
         self.vocabulary: Vocabulary | None = (
             build_vocabulary(tokenizer, self.sources, self.reference) if tokenizer is not None else None)
 
         self.model_layers = {ref: src.num_layers for ref, src in self.sources.items()}
         self._check_architectures()
-        self.memory_plan = self._plan_memory(base_model, placement, device_memory, host_memory, evaluation,
-                                             output_layers, delta_cache)
+        self.memory_plan = self._plan_memory(
+            base=base_model, delta_cache=delta_cache, placement=placement, device_memory=device_memory,
+            host_memory=host_memory, evaluation=evaluation, output_layers=output_layers)
         skeleton = self._build_model(self.model_layers[self.reference])
         self.layout = Layout.of(skeleton, self.model_layers[self.reference])
         self._check_tensors(skeleton)
@@ -128,21 +123,16 @@ class MergeEngine:
         self._load()
         self._deltas: dict[str, torch.Tensor] = {}
         self._delta_base: str | tuple | None = None
-        self._upcoming: tuple | None = None  # the next job's inputs, read ahead from the host and disk tiers
         self.workspace = Workspace()  # scratch reused by every candidate: no page faults per merge
         self.last_stats = MergeStats()
 
     # ------------------------------------------------------------------ setup
 
-    def _plan_memory(self, base, placement, device_memory, host_memory, evaluation, output_layers, delta_cache):
+    def _plan_memory(self, *, base, delta_cache, **options) -> memory.MemoryPlan:
         """The memory plan, from the configs and free memory measured before anything is allocated."""
-        plan = memory.plan_for(
-            {ref: src.config for ref, src in self.sources.items()},
-            {ref: why_not_streamable(src) for ref, src in self.sources.items()},
-            reference=self.reference, device=self.device, present=True, dtype=self.dtype, out_dtype=self.out_dtype,
-            compute_dtype=self.compute_dtype, base=base or self.reference, placement=placement,
-            device_memory=device_memory, host_memory=host_memory, mapped_vocab=self.vocabulary is not None,
-            output_layers=output_layers, evaluation=evaluation, cache=delta_cache)
+        plan = plan_sources(self.sources, reference=self.reference, device=self.device, present=True,
+                            dtypes=(self.dtype, self.out_dtype, self.compute_dtype), mergekit_exact=self.mergekit_exact,
+                            base=base, delta_cache=delta_cache, mapped_vocab=self.vocabulary is not None, **options)
         tiers = {tier: sum(t == tier for t in plan.tiers.values()) for tier in memory.TIERS}
         log.info("memory plan on %s: %.2f GB of %.2f GB usable; sources on %s; task-vector cache %s",
                  self.device, plan.device_total / 1e9, plan.device_budget / 1e9,
@@ -227,13 +217,14 @@ class MergeEngine:
         for ref in self.refs:
             if tiers[ref] == "disk":
                 self.store.map(ref, self.sources[ref].files)
-        loading = [r for r in self.refs if tiers[r] != "disk" or self.vocabulary is not None]
-        total = sum(len(self._model_names(r)) if tiers[r] != "disk" else len(self.layout.vocab) for r in loading)
-        with tqdm(total=total, desc="loading sources", unit="tensor", disable=not self.progress) as bar:
-            for ref in loading:
-                wanted = set(self._model_names(ref))
-                if tiers[ref] == "disk":
-                    wanted &= set(self.layout.vocab)
+        # what is read now: everything of device- and host-tier sources, the mapped vocabulary rows of disk-tier ones
+        reads = {ref: {name for name in self._model_names(ref) if tiers[ref] != "disk" or self._mapped(name)}
+                 for ref in self.refs}
+        with tqdm(total=sum(map(len, reads.values())), desc="loading sources", unit="tensor",
+                  disable=not self.progress) as bar:
+            for ref, wanted in reads.items():
+                if not wanted:
+                    continue
                 loaded = set()
                 for name, tensor in self.sources[ref].iter_tensors(wanted, self.dtype, self.device):
                     expected = self._source_shape(ref, name)
@@ -269,14 +260,13 @@ class MergeEngine:
             return self.vocab_tensors[name][ref]
         return self.store.get(ref, name)
 
-    def _inputs(self, job: Job) -> list[torch.Tensor]:
-        """The input tensors of a job on the device; a vocabulary tensor's mapped onto the output
-        vocabulary once per (tensor, models, base) and kept, since the rows a model lacks depend on its company."""
+    def _inputs(self, job: Job, upcoming: Job | None = None) -> list[torch.Tensor]:
+        """The input tensors of a job on the device (the next job's read from the host and disk tiers
+        meanwhile); a vocabulary tensor's mapped onto the output vocabulary once per (tensor, models,
+        base) and kept, since the rows a model lacks depend on its company."""
         if not self._mapped(job.name):
-            inputs = self.store.fetch(job.sources)
-            if self._upcoming is not None:
-                self.store.prefetch(self._upcoming)  # the next job's reads overlap this job's arithmetic
-            return inputs
+            ahead = upcoming.sources if upcoming is not None and not self._mapped(upcoming.name) else None
+            return self.store.fetch(job.sources, ahead=ahead)
         key = (job.name, job.sources, job.base_model)
         if key not in self._vocab_maps:
             if len(self._vocab_maps) >= 8:  # recipes over other subsets of the models: keep the latest
@@ -358,10 +348,8 @@ class MergeEngine:
         jobs = plan.jobs
         for i, job in enumerate(tqdm(jobs, desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress)):
             target = params[job.name]
-            upcoming = jobs[i + 1] if i + 1 < len(jobs) else None
-            self._upcoming = upcoming.sources if upcoming is not None and not self._mapped(upcoming.name) else None
             try:
-                self._run(plan, job, target, seed, stats)
+                self._run(plan, job, target, seed, stats, upcoming=jobs[i + 1] if i + 1 < len(jobs) else None)
             except Exception as exc:
                 if not _candidate_error(exc):
                     raise  # a bug: it stops the search with its traceback instead of failing one candidate
@@ -374,9 +362,10 @@ class MergeEngine:
         self.last_stats = stats
         return model
 
-    def _run(self, plan: Plan, job: Job, out: torch.Tensor, seed: int, stats: MergeStats) -> None:
+    def _run(self, plan: Plan, job: Job, out: torch.Tensor, seed: int, stats: MergeStats,
+             upcoming: Job | None = None) -> None:
         method = plan.method
-        tensors = self._inputs(job)
+        tensors = self._inputs(job, upcoming)
         stats.tensors += 1
         stats.bytes_written += out.numel() * out.element_size()
         coefficients = None
@@ -462,6 +451,28 @@ class MergeEngine:
         self._model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def resolve_dtypes(reference: SourceModel, dtype, out_dtype, mergekit_exact: bool):
+    """(the sources' dtype, the output's, the arithmetic's): the sources' dtype defaults to the reference
+    checkpoint's. Merge arithmetic runs in float32 (float64 stays float64): half precision loses the
+    small deltas; mergekit-exact merges compute as mergekit does, in the sources' dtype."""
+    dtype = parse_dtype(dtype) or reference.stored_dtype()
+    out = parse_dtype(out_dtype, field="out_dtype") or dtype
+    return dtype, out, dtype if mergekit_exact else accumulation_dtype(dtype)
+
+
+def plan_sources(sources: dict[str, SourceModel], *, reference: str, device: torch.device, present: bool,
+                 dtypes: tuple[torch.dtype, torch.dtype, torch.dtype], mergekit_exact: bool, base: str | None,
+                 delta_cache: bool | str = "auto", **options) -> memory.MemoryPlan:
+    """The memory plan for these located sources (the engine's, and `plan_family`'s without loading):
+    `dtypes` from resolve_dtypes; `options`: placement, budgets, mapped_vocab, evaluation, output_layers."""
+    dtype, out_dtype, compute_dtype = dtypes
+    return memory.plan_for(
+        {ref: src.config for ref, src in sources.items()},
+        {ref: why_not_streamable(src) for ref, src in sources.items()},
+        reference=reference, device=device, present=present, dtype=dtype, out_dtype=out_dtype,
+        compute_dtype=compute_dtype, base=base or reference, cache=False if mergekit_exact else delta_cache, **options)
 
 
 def why_not_streamable(source: SourceModel) -> str | None:

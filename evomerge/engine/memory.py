@@ -42,21 +42,30 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_bytes(text: str | int | float | None, *, field: str) -> int | None:
-    """'80GB', '80 GiB', '512MB', 8e10 -> bytes (decimal units: 80GB = 80e9 bytes, as GPU makers count)."""
-    if text is None:
-        return None
+def memory_size(text: str | int | float) -> int:
+    """'80GB', '80 GiB', '512MB', 8e10 -> bytes (decimal units: 80GB = 80e9 bytes, as GPU makers count);
+    ValueError saying what is wrong otherwise."""
     if isinstance(text, (int, float)):
         value = float(text)
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
         unit = match and match.group(2).lower()
         if not match or unit not in _UNITS:
-            raise EvomergeError(f"{field}: not a memory size: {text!r} (e.g. 80GB, 24GiB, 512MB)")
+            raise ValueError(f"not a memory size: {text!r} (e.g. 80GB, 24GiB, 512MB)")
         value = float(match.group(1)) * _UNITS[unit]
     if not value > 0 or math.isinf(value):
-        raise EvomergeError(f"{field}: must be above 0, got {text!r}")
+        raise ValueError(f"must be above 0, got {text!r}")
     return int(value)
+
+
+def parse_bytes(text: str | int | float | None, *, field: str) -> int | None:
+    """memory_size, None for None, and errors that name the field."""
+    if text is None:
+        return None
+    try:
+        return memory_size(text)
+    except ValueError as exc:
+        raise EvomergeError(f"{field}: {exc}") from None
 
 
 def gb(n: float) -> str:
@@ -328,12 +337,6 @@ class MemoryPlan:
             device, host = device + host, 0.0
         return {"device": device, "host": host, "disk": disk, "total": max(device, host, disk)}
 
-    def summary(self) -> dict:
-        return {"device": self.device, "placement": self.placement, "tiers": dict(self.tiers),
-                "device_bytes": self.device_total, "host_bytes": self.host_total,
-                "device_budget": self.device_budget, "host_budget": self.host_budget, "cache": self.cache,
-                "seconds_per_candidate": self.seconds_per_candidate()["total"]}
-
     def render(self) -> str:
         lines = [f"memory plan (placement: {self.placement}) on {self.device}: "
                  f"{gb(self.device_total)} of {gb(self.device_budget)} usable"
@@ -395,20 +398,20 @@ def plan_memory(
     # What the device holds whatever the placement: the model, evaluation, scratch, staging.
     fixed = {"the resident model": needs.model, "evaluation": sum(needs.evaluation.values()),
              "merge scratch": needs.scratch}
-    pinned_rows = sum(s.device_bytes for s in needs.sources)
-    if sum(fixed.values()) + pinned_rows > device_usable:
+    fixed_total = sum(fixed.values()) + sum(s.device_bytes for s in needs.sources)  # + vocabulary rows
+    if fixed_total > device_usable:
         name, size = max(fixed.items(), key=lambda kv: kv[1])
         option = None
         if name == "evaluation" and eval_option is not None:
-            option = eval_option(device_usable - needs.model - needs.scratch - pinned_rows)
-        option = option or f"a device with at least {gb((sum(fixed.values()) + pinned_rows) / USABLE_FRACTION)} free"
+            option = eval_option(device_usable - (fixed_total - fixed["evaluation"]))
+        option = option or f"a device with at least {gb(fixed_total / USABLE_FRACTION)} free"
         raise DoesNotFit(
             f"{device}: {gb(device_usable)} usable ({gb(device_budget)} free), but the resident model, evaluation "
-            f"and scratch alone need {gb(sum(fixed.values()) + pinned_rows)}; the largest consumer is {name} "
-            f"({gb(size)}): {option} would fit"
+            f"and scratch alone need {gb(fixed_total)}; the largest consumer is {name} ({gb(size)}): {option} would fit"
         )
 
-    def fits_device(tiers: dict[str, str]) -> bool:
+    def place(tiers: dict[str, str]) -> bool:
+        """Makes `tiers` the plan's; whether both pools hold it."""
         plan.tiers = tiers
         return plan.device_total <= device_usable and (
             plan.device_total + plan.host_total <= device_usable if shared else plan.host_total <= host_usable)
@@ -418,12 +421,8 @@ def plan_memory(
         tiers = {s.ref: "disk" if s.streamable else "host" for s in needs.sources}
         for tier in (("device",) if shared else ("device", "host")):
             for s in order:
-                trial = {**tiers}
-                if TIERS.index(tier) < TIERS.index(trial[s.ref]):
-                    trial[s.ref] = tier
-                    if fits_device(trial):
-                        tiers = trial
-        fits_device(tiers)
+                if TIERS.index(tier) < TIERS.index(tiers[s.ref]) and place({**tiers, s.ref: tier}):
+                    tiers = plan.tiers
     else:
         tiers = {}
         for s in needs.sources:
@@ -432,10 +431,7 @@ def plan_memory(
                 plan.notes.append(f"model '{s.ref}' is held on the host tier: {s.why_not}")
             else:
                 tiers[s.ref] = placement
-        fits_device(tiers)
-
-    if plan.device_total > device_usable or (plan.host_total > host_usable if not shared
-                                              else plan.device_total + plan.host_total > device_usable):
+    if not place(tiers):
         raise DoesNotFit(_nothing_fits(plan, needs, device_usable, host_usable, shared))
     if any(t == "disk" for t in plan.tiers.values()):
         plan.notes.append("disk tier: merges read the sources' files each candidate; a warm page cache makes "

@@ -6,14 +6,13 @@
           into reused read buffers and their pages dropped, so resident memory stays at a few jobs'
           inputs whatever the size of the family.
 
-`fetch(pairs)` hands a job its inputs on the device. A worker thread reads the next job's host and
+`fetch(pairs, ahead=next_pairs)` hands a job its inputs on the device. A worker thread reads the next job's host and
 disk inputs (on CUDA: copies them on a side stream) while the current job merges. Values and
 alignment are the same on every tier, so merges are bit-identical whatever the placement.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import warnings
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from evomerge.checkpoint import SAFETENSORS_DTYPES, safetensors_header
 from evomerge.errors import CheckpointError
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _PAGE = mmap.PAGESIZE
 
 Pair = tuple[str, str]  # (model ref, tensor name)
@@ -38,16 +37,14 @@ class MappedSafetensors:
         self._maps: list[mmap.mmap] = []
         self.entries: dict[str, tuple[int, torch.dtype, tuple[int, ...], int, int]] = {}
         for index, file in enumerate(files):
+            data, header = safetensors_header(file, ref)
             with open(file, "rb") as handle:
-                header_len = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(header_len))
                 self._maps.append(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY))
-            data = 8 + header_len
             for name, entry in header.items():
-                if name == "__metadata__" or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+                if entry.get("dtype") not in SAFETENSORS_DTYPES:
                     continue
                 start, end = entry["data_offsets"]
-                self.entries[name] = (index, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                self.entries[name] = (index, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
                                       data + start, data + end)
 
     def view(self, name: str) -> torch.Tensor:
@@ -70,8 +67,8 @@ class MappedSafetensors:
 
 
 # bytes: CPU reductions (torch.dot, norms) round differently when their input starts elsewhere than on
-# a vector boundary (measured: a float32 dot product shifted by 1-2 entries changes its low bits). 32
-# bytes suffice for AVX2, as here; 64 covers AVX-512's vectors.
+# a vector boundary (measured: a float32 dot product shifted by 1-2 entries changes its low bits). On
+# this project's AVX-512 machines 32-byte offsets already gave equal bits; 64 is the widest vector.
 ALIGN = 64
 
 
@@ -137,17 +134,15 @@ class SourceStore:
             return self.host[(ref, name)]
         return self.mapped[ref].view(name)
 
-    def fetch(self, pairs: tuple[Pair, ...]) -> list[torch.Tensor]:
-        """The job's inputs on the device, in the engine's dtype, each 64-byte aligned."""
+    def fetch(self, pairs: tuple[Pair, ...], ahead: tuple[Pair, ...] | None = None) -> list[torch.Tensor]:
+        """The job's inputs on the device, in the engine's dtype, each 64-byte aligned; then starts
+        reading `ahead` (the next job's inputs) from the host and disk tiers while this one merges."""
         if self._reader is None:
             return [self.row(*pair) for pair in pairs]
         loaded = self._reader.take(pairs)
+        if ahead is not None:
+            self._reader.request(ahead)
         return [loaded[pair] if pair in loaded else self.row(*pair) for pair in pairs]
-
-    def prefetch(self, pairs: tuple[Pair, ...]) -> None:
-        """Starts reading the next job's off-device inputs while the current one merges."""
-        if self._reader is not None:
-            self._reader.request(pairs)
 
     def clear(self) -> None:
         if self._reader is not None:
@@ -161,8 +156,8 @@ class _Reader:
     """Loads a job's host- and disk-tier inputs in a worker thread, so the next job's reads (and, on
     CUDA, its copies on a side stream) overlap the current job's arithmetic. Disk-tier tensors are
     copied from the mapping into read buffers (in the engine's dtype, pinned on CUDA), two sets used in
-    turn, the current job's and the next one's, and their pages dropped. The engine requests job i+1
-    right after taking job i, so one read is pending at a time."""
+    turn, the current job's and the next one's, and their pages dropped. Job i+1 is requested right
+    after job i is taken (SourceStore.fetch), so one read is pending at a time."""
 
     SETS = 2
 

@@ -217,12 +217,11 @@ def _portable_refs(study: optuna.Study) -> dict[str, str]:
 def memory_plan(space: SearchSpace, device: str | None = None):
     """The memory plan a search of this space would make on `device` (default: the space's), from the
     models' configs alone: nothing is loaded (see evomerge.engine.memory)."""
-    import torch
-
+    from evomerge.device import target_device
     from evomerge.engine import plan_family
 
     device = device or space.config.device
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+    device_type = target_device(device).type
     c = space.config
     return plan_family(list(space.models.values()), base_model=space.base, device=device, dtype=c.dtype,
                        out_dtype=c.out_dtype, mergekit_exact=c.mergekit_exact, mapped_vocab=space.tokenizer is not None,

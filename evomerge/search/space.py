@@ -133,13 +133,11 @@ class SpaceConfig(_Strict):
 
     @field_validator("device_memory", "host_memory")
     @classmethod
-    def _memory(cls, value, info):
-        from evomerge.engine.memory import parse_bytes
+    def _memory(cls, value):
+        from evomerge.engine.memory import memory_size
 
-        try:
-            parse_bytes(value, field=info.field_name)
-        except EvomergeError as exc:
-            raise ValueError(str(exc).split(": ", 1)[1]) from None
+        if value is not None:
+            memory_size(value)  # its ValueError names what is wrong; pydantic names the field
         return value
 
     @field_validator("methods")
