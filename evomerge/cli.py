@@ -44,6 +44,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_moe(args: argparse.Namespace) -> int:
+    from evomerge.demo.family import resolve_members
+    from evomerge.engine.moe import moe_to_checkpoint
+    from evomerge.moe import MoEConfig
+
+    config = resolve_members(MoEConfig.load(args.config), device=args.device, progress=not args.quiet)
+    out = moe_to_checkpoint(config, args.out_dir, device=args.device, seed=args.seed, allow_bin=args.allow_bin,
+                            progress=not args.quiet, placement=args.placement, device_memory=args.device_memory,
+                            host_memory=args.host_memory)
+    print(f"mixture of experts written to {out}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from evomerge.search.export import export
 
@@ -244,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _gguf_option(merge)
     merge.set_defaults(func=_cmd_merge)
+
+    moe = sub.add_parser("moe", help="build a mixture of experts from a mergekit-moe config (like mergekit-moe)")
+    moe.add_argument("config", help="mergekit-moe YAML config (base_model, experts with prompts, gate_mode, ...)")
+    moe.add_argument("out_dir", help="output directory")
+    moe.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+    moe.add_argument("--seed", type=int, default=0, help="seed of random gates (gate_mode: random) and noise_scale")
+    moe.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
+    _memory_options(moe, where="moe")
+    moe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    moe.set_defaults(func=_cmd_moe)
 
     exp = sub.add_parser("export", help="write a study's winner (or --trial N) as a Hugging Face checkpoint")
     exp.add_argument("results_dir", help="a results folder of evomerge search (results/<study>)")

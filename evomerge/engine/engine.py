@@ -30,6 +30,7 @@ from evomerge.engine.vocab import Vocabulary, build_vocabulary
 from evomerge.errors import ArchitectureMismatch, MergeFailure, RecipeError
 from evomerge.methods.kernels import Workspace, accumulation_dtype, weighted_sum
 from evomerge.methods.registry import Inputs
+from evomerge.moe import MoEConfig
 from evomerge.recipe import Recipe, TokenizerSetting
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class MergeEngine:
         self._delta_base: str | tuple | None = None
         self.workspace = Workspace()  # scratch reused by every candidate: no page faults per merge
         self.last_stats = MergeStats()
+        self._moe = None
 
     # ------------------------------------------------------------------ setup
 
@@ -335,12 +337,16 @@ class MergeEngine:
             )
         return plan_recipe(recipe, self.layout, self.model_layers)
 
-    def materialize(self, recipe: Recipe, seed: int = 0, *, check_finite: bool = True, progress: bool = False) -> nn.Module:
-        """Writes the recipe's weights into the resident model and returns it.
+    def materialize(self, recipe: Recipe | MoEConfig, seed: int = 0, *, check_finite: bool = True,
+                    progress: bool = False) -> nn.Module:
+        """Writes the recipe's weights into the resident model and returns it (a MoE config: into the
+        resident MoE model, see evomerge.engine.moe).
 
         Raises RecipeError for structural problems (before any arithmetic) and MergeFailure
         when the merge itself fails or gives NaN/inf weights.
         """
+        if isinstance(recipe, MoEConfig):
+            return self.moe.materialize(recipe, seed=seed, progress=progress)
         plan = self.plan(recipe)
         model = self.model_for(plan)
         params = {name: p.data for name, p in model.named_parameters()}
@@ -441,8 +447,19 @@ class MergeEngine:
         log.info("cached task vectors against '%s' (%.2f GB)", base, size / 1e9)
         return True
 
+    @property
+    def moe(self):
+        """The builder of MoE candidates from these sources (made on first use)."""
+        if self._moe is None:
+            from evomerge.engine.moe import MoEBuilder
+
+            self._moe = MoEBuilder(self)
+        return self._moe
+
     def release(self) -> None:
         """Frees the resident tensors (the engine is unusable afterwards)."""
+        if self._moe is not None:
+            self._moe.release()
         self.store.clear()
         self.vocab_tensors.clear()
         self._vocab_maps.clear()

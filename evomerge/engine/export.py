@@ -38,7 +38,11 @@ def save_tokenizer(recipe: Recipe, sources: dict[str, SourceModel], out_dir: Pat
         finally:
             tokenizer.chat_template = kept  # the engine's tokenizer (which evaluation uses) stays as it was
         return
-    donor = sources[recipe.base_model or recipe.referenced_models()[0]]
+    copy_tokenizer(sources[recipe.base_model or recipe.referenced_models()[0]], out_dir, template)
+
+
+def copy_tokenizer(donor: SourceModel, out_dir: Path, template: str | None = None) -> None:
+    """`donor`'s tokenizer files into out_dir (saved through transformers for a GGUF donor or a new chat template)."""
     if donor.gguf_file is None and donor.tokenizer_dir() is None:
         log.warning("model '%s' has no tokenizer files; the merged checkpoint has none either", donor.ref)
         return
@@ -79,6 +83,42 @@ using the **{recipe.merge_method}** method. The recipe below is a mergekit confi
 {extra}"""
 
 
+def moe_card(config, name: str, architecture: str, seed: int) -> str:
+    """The model card of a mixture of experts: what it is built from, and its config."""
+    experts = "\n".join(f"- {e.source_model or 'a merge recipe of ' + ', '.join(e.recipe.referenced_models())}"
+                         for e in config.experts)
+    shared = "".join(f"\n- shared: {e.source_model or 'a merge recipe'}" for e in config.shared_experts or [])
+    random = (f" Router rows were drawn at random with seed {seed} (`evomerge moe --seed {seed}` redraws them)."
+              if not config.routed_by_prompts else "")
+    extension = ("" if not config.uses_extensions() else
+                 " It uses evomerge's own expert fields (`recipe`, `gate_scale`), which mergekit-moe ignores: "
+                 "rebuild it with `evomerge moe`.")
+    return f"""---
+library_name: transformers
+tags:
+- merge
+- moe
+- evomerge
+- mergekit
+---
+# {name}
+
+A {architecture} mixture of experts built with evomerge {__version__}: attention, norms and embeddings
+from `{config.base_model}`, each expert's MLP from its source, {config.experts_per_token} of
+{len(config.experts)} experts per token, router rows from `{config.gate_mode}` gates.{random}
+`evomerge moe mergekit_moe_config.yml OUT` (or `mergekit-moe`) rebuilds it.{extension}
+
+## Experts
+{experts}{shared}
+
+## Configuration
+
+```yaml
+{config.to_yaml().rstrip()}
+```
+"""
+
+
 def check_output_dir(out_dir: str | Path, sources: list[Path]) -> Path:
     """Where a checkpoint may be written without losing anything: not a file, not a source model's
     folder (nor inside one, nor holding one), and, when it exists, empty or an earlier merge's output."""
@@ -89,13 +129,14 @@ def check_output_dir(out_dir: str | Path, sources: list[Path]) -> Path:
         source = Path(source).resolve()
         if out == source or source in out.parents or out in source.parents:
             raise OutputError(f"OUT_DIR {out_dir}: would overwrite source model {source}; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_MARKER).exists():
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in (MERGE_MARKER, MOE_MARKER)):
         raise OutputError(f"OUT_DIR {out_dir}: exists and holds files that are not an earlier merge; "
                           "choose a new folder")
     return out
 
 
 MERGE_MARKER = "mergekit_config.yml"  # every checkpoint evomerge (or mergekit) writes has one
+MOE_MARKER = "mergekit_moe_config.yml"  # as mergekit-moe names the config it copies beside a MoE
 
 
 def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path,

@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge import __version__
-from evomerge.recipe import Recipe
+from evomerge.moe import load_candidate
 from evomerge.report import plots
 from evomerge.report.tables import markdown_table
 from evomerge.trials import STUDY_SPACE, TrialRecord, dimension_label
@@ -70,7 +70,7 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
     states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
     best = best_trial(study)
     if best is not None:
-        Recipe.from_yaml(best.recipe).with_models(rename or {}).save(results_dir / "best.yaml")
+        load_candidate(best.recipe).with_models(rename or {}).save(results_dir / "best.yaml")
     _leaderboard(study, results_dir, task_names, rename or {})
     plots.history(study, results_dir / "history.png", references=references)
     plots.task_scores(study, task_names, results_dir / "tasks.png", references=references)
@@ -119,7 +119,7 @@ def _leaderboard(study: optuna.Study, results_dir: Path, task_names: list[str], 
         for rank, r in enumerate(rows, 1):
             writer.writerow([rank, r.number, f"{r.score:.6f}", r.label,
                              *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names), r.seconds, r.cpu_seconds,
-                             Recipe.from_yaml(r.recipe).with_models(rename).to_yaml() if rename else r.recipe])
+                             load_candidate(r.recipe).with_models(rename).to_yaml() if rename else r.recipe])
     header = ["rank", "trial", "score", "method", *task_names, "parameters"]
     table = []
     for rank, r in enumerate(rows[:20], 1):

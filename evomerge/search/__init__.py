@@ -23,7 +23,7 @@ import optuna
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.sandbox import describe, require_isolation
-from evomerge.recipe import Recipe
+from evomerge.moe import Candidate, load_candidate
 from evomerge.search import storage as store
 from evomerge.search.heldout import evaluate_heldout, source_search_scores
 from evomerge.search.runner import Searcher
@@ -105,7 +105,7 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
         log.info("scoring the source models on the search split (the plots' reference lines)")
         references = source_search_scores(searcher.space, load, device=device)
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
-        held = evaluate_heldout(searcher.space, load, Recipe.from_yaml(best.recipe),
+        held = evaluate_heldout(searcher.space, load, load_candidate(best.recipe),
                                 device=device) | {"trial": best.number}
     extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=device)}
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
@@ -229,7 +229,7 @@ def memory_plan(space: SearchSpace, device: str | None = None):
                        evaluation=space.evaluation_shape(device_type), output_layers=space.output_layers)
 
 
-def dry_run(space: SearchSpace, count: int = 3) -> list[Recipe]:
+def dry_run(space: SearchSpace, count: int = 3) -> list[Candidate]:
     """The first recipes the sampler would propose, without loading any model (layer counts for
     stacking come from the sources' configs: local dirs, GGUF headers or cached hub ids)."""
     from evomerge.checkpoint import locate

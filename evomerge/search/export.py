@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.errors import EvomergeError
-from evomerge.recipe import Recipe
+from evomerge.moe import MoEConfig, load_candidate
 from evomerge.search import storage as store
 from evomerge.trials import STUDY_SPACE, TrialRecord
 
@@ -60,7 +60,15 @@ def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = 
     folder = Path(results_dir)
     _summary, study = store.open_results(folder, "RESULTS_DIR")
     record = chosen_trial(study, trial)
-    recipe = resolve_members(Recipe.from_yaml(record.recipe), device=device, progress=progress)
+    recipe = resolve_members(load_candidate(record.recipe), device=device, progress=progress)
+    if isinstance(recipe, MoEConfig):
+        if gguf:
+            raise EvomergeError("--gguf: GGUF export of a mixture of experts is not built; export it without --gguf")
+        from evomerge.engine.moe import moe_to_checkpoint
+
+        log.info("exporting trial %d (mixture of experts) to %s", record.number, out_dir)
+        return moe_to_checkpoint(recipe, out_dir, device=device, seed=record.seed or 0, progress=progress,
+                                 card=card(folder, record))
     exact = bool(study.user_attrs.get(STUDY_SPACE, {}).get("mergekit_exact"))  # merged as the search scored it
     log.info("exporting trial %d (%s) to %s%s", record.number, record.label, out_dir,
              " with mergekit's arithmetic" if exact else "")

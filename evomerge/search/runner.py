@@ -29,7 +29,7 @@ from evomerge.device import resolve_device, use_threads
 from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError, MergeFailure, SpaceError
 from evomerge.evaluation import Evaluator, Scores
-from evomerge.recipe import Recipe
+from evomerge.moe import Candidate
 from evomerge.search import storage as store
 from evomerge.search.interrupts import InterruptGate
 from evomerge.search.sampler import make_sampler, suggest
@@ -99,6 +99,8 @@ def space_fingerprint(space: SearchSpace, *, by_path: bool = False) -> str:
         relevant["tokenizer"] = space.tokenizer.renamed(named).model_dump(exclude_none=True)
     if c.mergekit_exact:  # likewise
         relevant["mergekit_exact"] = True
+    if c.moe is not None:
+        relevant["moe"] = c.moe.model_dump(mode="json")
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
 
 
@@ -164,6 +166,7 @@ class Searcher:
                                   evaluation=self.space.evaluation_shape(resolve_device(self.device).type),
                                   output_layers=self.space.output_layers, progress=self.progress)
         # candidates speak the output vocabulary when there is one, else the base's
+        self.engine.moe.prepare_gates(self.space.base, self.space.moe_prompt_sets()) if self.space.config.moe else None
         vocabulary = self.engine.vocabulary
         tokenizer = vocabulary.tokenizer if vocabulary else self.engine.sources[self.engine.reference].tokenizer()
         self.evaluator = Evaluator(self.space.task_requests(), tokenizer, split="search", seed=config.seed,
@@ -171,7 +174,7 @@ class Searcher:
 
     # ------------------------------------------------------------------ one trial
 
-    def recipe_for(self, trial: optuna.Trial) -> Recipe:
+    def recipe_for(self, trial: optuna.Trial) -> Candidate:
         if self.space.soup:
             return self.space.soup_recipe(suggest_members(trial, list(self.space.models)))
         method, values = suggest(trial, self.space)

@@ -23,9 +23,13 @@ from evomerge.errors import EvomergeError, SpaceError
 from evomerge.evaluation import METRICS, TASKS, TaskRequest, runs_generated_code
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
+from evomerge.moe import GATE_MODES, PROMPTED, MoEConfig
 from evomerge.recipe import Recipe, TokenizerSetting, format_validation_error, tokenizer_setting
 from evomerge.search.soup import SOUPS, check_method, soup_recipe
 from evomerge.trials import Dimension, check_study_name, dimension_name
+
+
+MOE = "moe"  # what trials of a `moe:` search build, in place of a merge method
 
 
 class _Strict(BaseModel):
@@ -83,6 +87,103 @@ class Stacking(_Strict):
     block: int = Field(ge=1)
 
 
+class PromptSet(_Strict):
+    positive: list[str] = Field(min_length=1)
+    negative: Optional[list[str]] = None
+
+
+class Count(_Strict):
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Count":
+        if self.low > self.high:
+            raise ValueError(f"low must not be above high, got [{self.low}, {self.high}]")
+        return self
+
+
+class GateScale(_Strict):
+    """A searched scale on each expert's router row: `points` control points over the layers."""
+
+    points: int = Field(1, ge=1, le=16)
+    low: float = Field(0.5, gt=0)
+    high: float = 2.0
+    log: bool = True
+
+
+class RecipeExpert(_Strict):
+    """An expert that is a merge recipe (mergekit YAML naming models by their names in `models`)."""
+
+    name: str
+    recipe: dict[str, Any]
+
+
+GateMode = Literal[GATE_MODES]
+
+
+class MoEBlock(_Strict):
+    """`moe:`: the search builds mixtures of experts (attention from base_model, each expert's MLP from
+    one source or recipe, router rows from prompts) instead of merges."""
+
+    experts: list[Union[str, RecipeExpert]] = Field(min_length=2)
+    count: Optional[Count] = None  # experts per candidate, a subset chosen per trial (default: all)
+    experts_per_token: Union[int, Count] = 2
+    gate_mode: Union[GateMode, list[GateMode]] = "hidden"
+    prompts: dict[str, PromptSet] = Field(default_factory=dict)  # the pool; each expert's own set by its name
+    gate_scale: Optional[GateScale] = None
+    architecture: Optional[str] = None
+
+    @property
+    def names(self) -> list[str]:
+        return [e if isinstance(e, str) else e.name for e in self.experts]
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.gate_mode] if isinstance(self.gate_mode, str) else list(self.gate_mode)
+
+    @property
+    def per_token(self) -> Count:
+        k = self.experts_per_token
+        return Count(low=k, high=k) if isinstance(k, int) else k
+
+    @property
+    def sizes(self) -> Count:
+        return self.count or Count(low=len(self.experts), high=len(self.experts))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MoEBlock":
+        names = self.names
+        if len(set(names)) != len(names):
+            raise ValueError(f"experts: names must be unique, got {names}")
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"gate_mode: each mode once, got {self.modes}")
+        sizes, k = self.sizes, self.per_token
+        if sizes.high > len(names):
+            raise ValueError(f"count.high: {sizes.high} experts, but {len(names)} are listed")
+        prompted = [m for m in self.modes if m in PROMPTED]
+        if prompted and sizes.low < 2:
+            raise ValueError("count.low: a MoE routed by prompts needs at least two experts")
+        if k.low < 1:
+            raise ValueError("experts_per_token: must be at least 1")
+        if k.high > sizes.high:
+            raise ValueError(f"experts_per_token: {k.high} is more than the {sizes.high} experts a candidate has")
+        if prompted:
+            missing = [n for n in names if n not in self.prompts]
+            if missing:
+                raise ValueError(f"prompts: gate_mode {prompted[0]} routes by prompts; give the prompt set "
+                                 f"'{missing[0]}' (each expert's own set is named after it)")
+        seen: dict[tuple, str] = {}
+        for name, prompts in self.prompts.items():
+            key = (tuple(prompts.positive), tuple(prompts.negative or ()))
+            if key in seen:
+                raise ValueError(f"prompts.{name}: the same prompts as '{seen[key]}'; each set routes differently")
+            seen[key] = name
+        if self.gate_scale and not self.gate_scale.low < self.gate_scale.high:
+            raise ValueError("gate_scale: low must be below high")
+        return self
+
+
 class Pruning(_Strict):
     enabled: bool = True
     first_rung: float = Field(0.34, gt=0, lt=1)  # fraction of every task's items scored first
@@ -125,6 +226,7 @@ class SpaceConfig(_Strict):
     storage: Optional[str] = None
     pruning: Pruning = Field(default_factory=Pruning)
     results_dir: str = "results"
+    moe: Optional[MoEBlock] = None  # search mixtures of experts instead of merges
 
     @field_validator("name")
     @classmethod
@@ -175,6 +277,21 @@ class SpaceConfig(_Strict):
             raise ValueError(f"tasks: each task once, got {tasks}")
         if self.objective == "weighted_sum" and not sum(t.weight for t in self.tasks) > 0:
             raise ValueError(f"tasks: the weights must sum to more than 0, got {[t.weight for t in self.tasks]}")
+        if self.moe is not None:
+            for key in ("methods", "parameters", "stacking", "layer_schedule", "filters", "tokenizer",
+                        "tokenizer_source", "mergekit_exact"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"{key}: a moe: search builds mixtures of experts, not merges; remove {key} "
+                                     "(an expert may be a merge recipe: moe.experts: [{name, recipe}])")
+            if self.sampler in SOUPS:
+                raise ValueError(f"sampler: {self.sampler} soups merges; a moe: search uses cmaes, tpe or random")
+            if self.base_model is None:
+                raise ValueError("base_model: a mixture of experts takes attention and embeddings from base_model")
+            known = [m.name if isinstance(m, ModelEntry) else Path(m).name for m in self.models]
+            for i, expert in enumerate(self.moe.experts):
+                if isinstance(expert, str) and expert not in known:
+                    raise ValueError(f"moe.experts.{i}: '{expert}' is not a name in models ({', '.join(known)})")
+            return self
         copying = [m for m in self.methods if registry.get(m).copies_one_input]
         if self.stacking is not None and (len(self.methods) != 1 or not copying):
             raise ValueError("stacking: layer stacking searches slices that one method copies; "
@@ -234,9 +351,10 @@ class SearchSpace:
                 lambda ref: self.models[ref] if ref in self.models else resolve(ref))
         except EvomergeError as exc:
             raise SpaceError(f"{self._where}{exc}") from None
+        self.moe_recipes = self._moe_recipes() if config.moe else {}
         self.name = config.name or (source.stem if source else "study")
         self.uses_demo_family = any(map(is_member_ref, self.portable_refs.values()))
-        for method in config.methods:
+        for method in ([] if config.moe else config.methods):
             spec = registry.get(method)
             if spec.copies_one_input:
                 continue  # stacking: one input per slice
@@ -247,6 +365,24 @@ class SearchSpace:
             problem = spec.check_inputs(count, uses_base, "models")
             if problem:
                 raise SpaceError(f"{self._where}{problem}")
+
+    def _moe_recipes(self) -> dict[str, Recipe]:
+        """The experts that are merge recipes, their models named as `models` (or base_model) names them."""
+        names = {**self.models, self.config.base_model: self.base}
+        recipes = {}
+        for i, entry in enumerate(self.config.moe.experts):
+            if isinstance(entry, str):
+                continue
+            where = f"{self._where}moe.experts.{i}.recipe"
+            try:
+                recipe = Recipe.from_dict({"dtype": self.config.dtype, **entry.recipe}, source=where, strict=True)
+            except EvomergeError as exc:
+                raise SpaceError(str(exc)) from None
+            unknown = [ref for ref in recipe.referenced_models() if ref not in names]
+            if unknown:
+                raise SpaceError(f"{where}: '{unknown[0]}' is not a name in models ({', '.join(self.models)})")
+            recipes[entry.name] = recipe.with_models(names)
+        return recipes
 
     @property
     def _where(self) -> str:
@@ -280,7 +416,8 @@ class SearchSpace:
 
     @property
     def methods(self) -> list[str]:
-        return list(self.config.methods)
+        """What trials build: the listed merge methods, or the mixture of experts of a `moe:` search."""
+        return [MOE] if self.config.moe else list(self.config.methods)
 
     # ------------------------------------------------------------------ scoring
 
@@ -327,6 +464,8 @@ class SearchSpace:
 
     def dimensions(self, method: str) -> list[Dimension]:
         """The continuous dimensions of one method, in a fixed order."""
+        if method == MOE:
+            return self._moe_dimensions()
         spec = registry.get(method)
         if spec.copies_one_input:
             return self._stacking_dimensions(method)
@@ -405,8 +544,12 @@ class SearchSpace:
         """The first method over `members` (model names) with equal weights."""
         return soup_recipe(self.methods[0], members, self.models, self.base, self._common())
 
-    def recipe(self, method: str, values: dict[str, float], model_layers: dict[str, int] | None = None) -> Recipe:
-        """The mergekit recipe that the values of one method's dimensions mean."""
+    def recipe(self, method: str, values: dict[str, float],
+               model_layers: dict[str, int] | None = None) -> Recipe | MoEConfig:
+        """The mergekit recipe that the values of one method's dimensions mean (of a `moe:` search: the
+        MoE config)."""
+        if method == MOE:
+            return self._moe_config(values)
         common = {"merge_method": method, **self._common()}
         spec = registry.get(method)
         if spec.copies_one_input:
@@ -452,6 +595,90 @@ class SearchSpace:
             start = round(start * room)
             slices.append({"sources": [{"model": path, "layer_range": [start, start + stacking.block]}]})
         return slices
+
+    # ------------------------------------------------------------------ mixtures of experts
+
+    def _moe_dimensions(self) -> list[Dimension]:
+        """Which experts (when a subset is chosen), experts per token, gate mode, each expert's prompt
+        set (an offset into the pool from its own set: the middle is its own; a set another expert took
+        moves on to the next free one, so experts never share prompts), its gate-scale points."""
+        moe = self.config.moe
+        dims: list[Dimension] = []
+
+        def add(owner, param, low=0.0, high=1.0, log=False, point=None):
+            dims.append(Dimension(dimension_name(MOE, owner, param, None, point), low, high, log, param, owner,
+                                  None, point or 0))
+
+        if moe.sizes.low < len(moe.experts):
+            for name in moe.names:
+                add(name, "use")
+        k = moe.per_token
+        if k.low < k.high:
+            add(None, "experts_per_token", k.low, k.high + 1 - 1e-6)
+        if len(moe.modes) > 1:
+            add(None, "gate_mode")
+        if len(moe.prompts) > 1 and any(m in PROMPTED for m in moe.modes):
+            for name in moe.names:
+                add(name, "prompts")
+        if moe.gate_scale:
+            scale = moe.gate_scale
+            for name in moe.names:
+                for point in range(scale.points):
+                    add(name, "gate_scale", scale.low, scale.high, scale.log, point)
+        return dims
+
+    def _moe_config(self, values: dict[str, float]) -> MoEConfig:
+        moe = self.config.moe
+        names = moe.names
+        name_of = lambda owner, param, point=None: dimension_name(MOE, owner, param, None, point)  # noqa: E731
+        chosen = names
+        if moe.sizes.low < len(names):
+            use = {n: values[name_of(n, "use")] for n in names}
+            ranked = sorted(names, key=lambda n: -use[n])  # stable: ties keep the listed order
+            count = min(max(sum(v >= 0.5 for v in use.values()), moe.sizes.low), moe.sizes.high)
+            chosen = [n for n in names if n in ranked[:count]]
+        k = moe.per_token
+        per_token = int(values[name_of(None, "experts_per_token")]) if k.low < k.high else k.low
+        modes = moe.modes
+        mode = modes[min(len(modes) - 1, int(values[name_of(None, "gate_mode")] * len(modes)))] \
+            if len(modes) > 1 else modes[0]
+        pool = list(moe.prompts)
+        taken: set[int] = set()
+        experts = []
+        for name in chosen:
+            entry: dict[str, Any] = ({"source_model": self.models[name]} if name not in self.moe_recipes
+                                     else {"recipe": self.moe_recipes[name]})
+            if mode in PROMPTED:
+                own = pool.index(name)
+                offset = 0
+                if name_of(name, "prompts") in values:  # 0.5 (the middle) is the expert's own set
+                    offset = int(((values[name_of(name, "prompts")] + 0.5) % 1.0) * len(pool))
+                pick = (own + offset) % len(pool)
+                while pick in taken:  # another expert routes with it: the next free set (each has its own)
+                    pick = (pick + 1) % len(pool)
+                taken.add(pick)
+                prompts = moe.prompts[pool[pick]]
+                entry["positive_prompts"] = list(prompts.positive)
+                if prompts.negative:
+                    entry["negative_prompts"] = list(prompts.negative)
+            if moe.gate_scale:
+                points = [round(values[name_of(name, "gate_scale", p)], 6) for p in range(moe.gate_scale.points)]
+                entry["gate_scale"] = points[0] if len(points) == 1 else points
+            experts.append(entry)
+        config = {"base_model": self.base, "gate_mode": mode, "dtype": self.config.out_dtype or self.config.dtype,
+                  "experts_per_token": min(per_token, len(experts)), "experts": experts}
+        if moe.architecture:
+            config["architecture"] = moe.architecture
+        return MoEConfig.from_dict(config, source="moe candidate")
+
+    def moe_prompt_sets(self) -> list[tuple[str, list[str], list[str] | None]]:
+        """(gate mode, positive, negative) of every prompt set a `moe:` search may route with: their
+        gate vectors are computed once, before the first trial."""
+        moe = self.config.moe
+        if moe is None:
+            return []
+        return [(mode, list(p.positive), list(p.negative) if p.negative else None)
+                for mode in moe.modes if mode in PROMPTED for p in moe.prompts.values()]
 
     def default_values(self, method: str) -> dict[str, float]:
         """A sensible first candidate: the middle of every range (geometric middle for log ranges)."""
