@@ -19,6 +19,7 @@ from typing import Any, Callable
 from evomerge.evaluation import METRICS, Evaluator
 from evomerge.evaluation.harness import TASKS_DIR
 from evomerge.paths import atomic_write_text, cache_dir
+from evomerge.moe import Candidate
 from evomerge.recipe import Recipe
 from evomerge.report.stats import paired
 from evomerge.search.space import SearchSpace
@@ -48,7 +49,7 @@ def _entries(space: SearchSpace, split: str) -> list:
     return space.heldout_entries() if split == "heldout" else space.config.tasks
 
 
-def cache_key(space: SearchSpace, recipe: Recipe, device: str, split: str = "heldout") -> str:
+def cache_key(space: SearchSpace, recipe: Candidate, device: str, split: str = "heldout") -> str:
     """What a model's scores on a split depend on; the same key, the same scores."""
     import lm_eval
     import torch
@@ -71,7 +72,7 @@ def _cache_file(key: str):
     return cache_dir() / "heldout" / f"{key}.json"
 
 
-def score_models(space: SearchSpace, load: Callable[[], tuple[Any, Any]], candidates: dict[str, Recipe], *,
+def score_models(space: SearchSpace, load: Callable[[], tuple[Any, Any]], candidates: dict[str, Candidate], *,
                  split: str, device: str) -> dict[str, dict[str, Any]]:
     """{name: {"scores": {column: value}, "items": {column: [per-item score]}}} for each candidate on
     `split` (columns "task/metric"), from the cache where it has them. `load()` gives (engine,
@@ -119,14 +120,14 @@ def source_search_scores(space: SearchSpace, load: Callable[[], tuple[Any, Any]]
     return references
 
 
-def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], best_recipe: Recipe, *,
+def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], best_recipe: Candidate, *,
                      device: str) -> dict[str, Any]:
-    """Scores the winner and every source (item by item; cached), and compares the winner with each
-    source on the same items."""
+    """Scores the winner, the space's `compare:` models and every source (item by item; cached), and
+    compares the winner with each on the same items."""
     columns = [f"{e.task}/{e.metric}" for e in space.heldout_entries()]
     groups = {metric: [c for c in columns if c.endswith("/" + metric)] for metric in METRICS}
     groups = {metric: cols for metric, cols in groups.items() if cols}
-    candidates = {"winner": best_recipe, **source_recipes(space)}
+    candidates = {"winner": best_recipe, **space.compare, **source_recipes(space)}
     found = score_models(space, load, candidates, split="heldout", device=device)
     rows: dict[str, Any] = {}
     items: dict[str, dict[str, list[float]]] = {}

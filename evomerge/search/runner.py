@@ -164,7 +164,9 @@ class Searcher:
                                   mergekit_exact=config.mergekit_exact, placement=config.placement,
                                   device_memory=config.device_memory, host_memory=config.host_memory,
                                   evaluation=self.space.evaluation_shape(resolve_device(self.device).type),
-                                  output_layers=self.space.output_layers, progress=self.progress)
+                                  output_layers=self.space.output_layers, progress=self.progress,
+                                  # a MoE search merges only its recipe experts: task vectors pay off then
+                                  delta_cache=False if config.moe and not self.space.moe_recipes else "auto")
         # candidates speak the output vocabulary when there is one, else the base's
         self.engine.moe.prepare_gates(self.space.base, self.space.moe_prompt_sets()) if self.space.config.moe else None
         vocabulary = self.engine.vocabulary

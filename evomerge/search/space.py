@@ -227,6 +227,9 @@ class SpaceConfig(_Strict):
     pruning: Pruning = Field(default_factory=Pruning)
     results_dir: str = "results"
     moe: Optional[MoEBlock] = None  # search mixtures of experts instead of merges
+    # More models for the held-out table, beside the winner and the sources: name -> a recipe or MoE
+    # config file (e.g. another study's best.yaml), relative to this file.
+    compare: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -352,6 +355,7 @@ class SearchSpace:
         except EvomergeError as exc:
             raise SpaceError(f"{self._where}{exc}") from None
         self.moe_recipes = self._moe_recipes() if config.moe else {}
+        self.compare = self._compare(here)
         self.name = config.name or (source.stem if source else "study")
         self.uses_demo_family = any(map(is_member_ref, self.portable_refs.values()))
         for method in ([] if config.moe else config.methods):
@@ -365,6 +369,25 @@ class SearchSpace:
             problem = spec.check_inputs(count, uses_base, "models")
             if problem:
                 raise SpaceError(f"{self._where}{problem}")
+
+    def _compare(self, here: Path) -> dict[str, Recipe | MoEConfig]:
+        """The `compare:` models, read now (a missing file is named before any trial runs)."""
+        from evomerge.moe import load_candidate
+
+        found = {}
+        taken = {"winner", "base", *self.models}
+        for name, path in self.config.compare.items():
+            if name in taken:
+                raise SpaceError(f"{self._where}compare.{name}: the name of another row of the held-out table")
+            file = (here / path).expanduser()
+            try:
+                text = file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise SpaceError(f"{self._where}compare.{name}: cannot read {path}: {exc.strerror}") from None
+            candidate = load_candidate(text, source=f"{self._where}compare.{name}")
+            found[name] = candidate.with_models({ref: _resolve(ref, file.parent)
+                                                 for ref in candidate.referenced_models()})
+        return found
 
     def _moe_recipes(self) -> dict[str, Recipe]:
         """The experts that are merge recipes, their models named as `models` (or base_model) names them."""
