@@ -249,7 +249,7 @@ def test_bad_configs_name_the_field(tiny_family, qwen2_family, tmp_path, capsys)
 # ----------------------------------------------------------------------------- the search
 
 
-def _moe_space(family: dict[str, str], tmp: Path, **moe) -> dict:
+def _moe_space(family: dict[str, str], tmp: Path, compare: dict | None = None, **moe) -> dict:
     block = {"experts": ["math", "code", "know", {"name": "blend", "recipe": {
                  "merge_method": "task_arithmetic", "base_model": "base",
                  "models": [{"model": "math", "parameters": {"weight": 0.5}},
@@ -266,14 +266,21 @@ def _moe_space(family: dict[str, str], tmp: Path, **moe) -> dict:
             "tasks": [{"task": "gsm8k", "metric": "gold_loglik", "size": 4},
                       {"task": "mmlu", "metric": "gold_loglik", "size": 6}],
             "heldout": [{"task": "mmlu", "metric": "gold_loglik", "size": 4}],
-            "n_trials": 5, "dtype": "float32", "pruning": {"min_trials": 3}, "results_dir": str(tmp / "results")}
+            "n_trials": 5, "dtype": "float32", "pruning": {"min_trials": 3}, "results_dir": str(tmp / "results"),
+            **({"compare": compare} if compare else {})}
 
 
 def test_moe_search_end_to_end_resumes_and_its_winner_rebuilds(tiny_family, tmp_path, monkeypatch):
     from evomerge.search import SearchSpace, run_search
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(_moe_space(tiny_family, tmp_path)))
+    dense = {"merge_method": "task_arithmetic", "base_model": "../base", "dtype": "float32",
+             "models": [{"model": "../ft_math", "parameters": {"weight": 0.5}}]}
+    recipes = Path(tiny_family["base"]).parent / "recipes"  # its models named relative to the recipe file
+    recipes.mkdir(exist_ok=True)
+    (recipes / "dense.yaml").write_text(yaml.safe_dump(dense))
+    space = _moe_space(tiny_family, tmp_path, compare={"dense": str(recipes / "dense.yaml")})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
     space = SearchSpace.load(tmp_path / "s.yaml")
     assert space.methods == ["moe"]
     dims = {d.name for d in space.dimensions("moe")}
@@ -290,7 +297,9 @@ def test_moe_search_end_to_end_resumes_and_its_winner_rebuilds(tiny_family, tmp_
     configs = [MoEConfig.from_yaml(t.user_attrs["recipe"]) for t in study.get_trials(states=(TrialState.COMPLETE,))]
     assert all(2 <= len(c.experts) <= 3 and c.experts_per_token <= len(c.experts) for c in configs)
     heldout = json.loads((results / "heldout.json").read_text())
-    assert set(heldout["rows"]) == {"winner", "base", "math", "code", "know"}
+    assert set(heldout["rows"]) == {"winner", "dense", "base", "math", "code", "know"}
+    assert set(heldout["comparisons"]) == {"dense", "base", "math", "code", "know"}
+    assert heldout["rows"]["dense"]["scores"] != heldout["rows"]["math"]["scores"]
     assert MoEConfig.load(results / "best.yaml") == MoEConfig.from_yaml(
         study.trials[summary["best"]["trial"]].user_attrs["recipe"])
     # resumed with a bigger budget: the first trials stay as they were
@@ -319,6 +328,8 @@ def test_moe_search_end_to_end_resumes_and_its_winner_rebuilds(tiny_family, tmp_
      "count.low: a MoE routed by prompts needs at least two experts"),
     ({"moe": {"experts": ["math", {"name": "b", "recipe": {"merge_method": "linear", "models": [{"model": "zed"}]}}],
               "gate_mode": "random"}}, "moe.experts.1.recipe: 'zed' is not a name in models"),
+    ({"compare": {"dense": "nowhere.yaml"}}, "compare.dense: cannot read nowhere.yaml"),
+    ({"compare": {"math": "nowhere.yaml"}}, "compare.math: the name of another row"),
 ])
 def test_bad_moe_spaces_name_the_field(override, message, tiny_family, tmp_path):
     from evomerge.search import SearchSpace
