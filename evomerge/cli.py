@@ -232,6 +232,14 @@ def _memory_options(parser: argparse.ArgumentParser, *, where: str) -> None:
                         help="host memory the plan may use (default: the free memory)")
 
 
+def _build_options(parser: argparse.ArgumentParser, *, seed: str) -> None:
+    """OUT_DIR and the options of a command that builds a checkpoint from sources (merge, moe)."""
+    parser.add_argument("out_dir", help="output directory")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+    parser.add_argument("--seed", type=int, default=0, help=seed)
+    parser.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -241,10 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="merge a mergekit recipe into a Hugging Face checkpoint (like mergekit-yaml)")
     merge.add_argument("recipe", help="mergekit YAML recipe")
-    merge.add_argument("out_dir", help="output directory")
-    merge.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
-    merge.add_argument("--seed", type=int, default=0, help="seed for random-drop methods (dare, della)")
-    merge.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
+    _build_options(merge, seed="seed for random-drop methods (dare, della)")
     merge.add_argument("--strict", action="store_true",
                        help="refuse keys and parameters mergekit would silently ignore (default: warn and drop them)")
     merge.add_argument("--mergekit-exact", action="store_true",
@@ -260,10 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     moe = sub.add_parser("moe", help="build a mixture of experts from a mergekit-moe config (like mergekit-moe)")
     moe.add_argument("config", help="mergekit-moe YAML config (base_model, experts with prompts, gate_mode, ...)")
-    moe.add_argument("out_dir", help="output directory")
-    moe.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
-    moe.add_argument("--seed", type=int, default=0, help="seed of random gates (gate_mode: random) and noise_scale")
-    moe.add_argument("--allow-bin", action="store_true", help="allow pickled pytorch_model.bin sources")
+    _build_options(moe, seed="seed of random gates (gate_mode: random) and noise_scale")
     _memory_options(moe, where="moe")
     moe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     moe.set_defaults(func=_cmd_moe)

@@ -47,6 +47,23 @@ def tiny_engine(tiny_family):
     )
 
 
+# Records every file opened for writing and every directory or file made, moved or removed: `writes`,
+# a list of (event, path); installed by the script that embeds it with sys.addaudithook(hook).
+WRITE_AUDIT_HOOK = r"""
+writes = []
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE_FLAGS):
+            if path not in (None, "/dev/null") and not str(path).startswith("/proc/"):
+                writes.append((event, str(path)))
+    elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "shutil.copyfile",
+                   "shutil.rmtree", "os.symlink", "os.link"):
+        writes.append((event, str(args[0])))
+"""
+
+
 def oracle(module: str = "mergekit.merge"):
     """A module of mergekit, the oracle. Without it the test is skipped, except under CI=true, where
     a missing oracle fails: a green CI must mean every method was compared with mergekit."""

@@ -17,7 +17,7 @@ from evomerge.cli import main
 from evomerge.engine import MergeEngine
 from evomerge.errors import ArchitectureMismatch, CheckpointError
 from evomerge.recipe import Recipe
-from tests.conftest import REPO, oracle
+from tests.conftest import REPO, WRITE_AUDIT_HOOK, oracle
 
 TIES = """
 merge_method: ties
@@ -427,18 +427,7 @@ def test_architecture_checked_before_loading(tiny_family, bad_sources):
 
 NO_WRITE_SCRIPT = r"""
 import json, os, sys
-writes = []
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def hook(event, args):
-    if event == "open":
-        path, mode, flags = args
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE_FLAGS):
-            if path not in (None, "/dev/null") and not str(path).startswith("/proc/"):
-                writes.append((event, str(path)))
-    elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "shutil.copyfile",
-                   "shutil.rmtree", "os.symlink", "os.link"):
-        writes.append((event, str(args[0])))
-import psutil, torch
+""" + WRITE_AUDIT_HOOK + r"""import psutil, torch
 import torch._dynamo  # torch makes its (empty) compile-cache directory on this import: a framework side effect
 torch.set_num_threads(2)
 from evomerge.engine import MergeEngine

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from evomerge.cli import main
 from evomerge.errors import EvomergeError, SpaceError
 from evomerge.moe import MoEConfig, MoEConfigError
-from tests.conftest import REPO, oracle
+from tests.conftest import REPO, WRITE_AUDIT_HOOK, oracle
 
 PROMPTS = {
     "math": {"positive": ["Question: how many clips did she sell", "48 + 24 = 72"], "negative": ["def add"]},
@@ -136,17 +136,7 @@ def test_the_moe_loads_and_generates(tiny_family, tmp_path):
 
 NO_WRITE_SCRIPT = r"""
 import hashlib, json, os, sys
-writes = []
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def hook(event, args):
-    if event == "open":
-        path, mode, flags = args
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE_FLAGS):
-            if path not in (None, "/dev/null") and not str(path).startswith("/proc/"):
-                writes.append(str(path))
-    elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "shutil.copyfile", "os.symlink"):
-        writes.append(str(args[0]))
-import torch
+""" + WRITE_AUDIT_HOOK + r"""import torch
 import torch._dynamo  # torch makes its (empty) compile-cache directory on this import: a framework side effect
 torch.set_num_threads(2)
 from evomerge.engine import MergeEngine
