@@ -104,7 +104,7 @@ def main() -> None:
         from mergekit.scripts.moe import build
     except ImportError:
         return
-    from evomerge.engine.moe import moe_to_checkpoint
+    from evomerge.engine import moe_to_checkpoint
 
     config = resolve_members(load_candidate(candidates["MoE, 3 experts, 2 per token"].to_yaml()), progress=False)
     data = config.to_dict()

@@ -46,7 +46,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_moe(args: argparse.Namespace) -> int:
     from evomerge.demo.family import resolve_members
-    from evomerge.engine.moe import moe_to_checkpoint
+    from evomerge.engine import moe_to_checkpoint
     from evomerge.moe import MoEConfig
 
     config = resolve_members(MoEConfig.load(args.config), device=args.device, progress=not args.quiet)

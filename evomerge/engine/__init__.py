@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from evomerge.engine.engine import MergeEngine, MergeStats
 from evomerge.checkpoint import locate
 from evomerge.engine.export import check_output_dir, save_checkpoint
 from evomerge.methods import get as get_method
+from evomerge.moe import MoEConfig, MoEConfigError
 from evomerge.recipe import Recipe
 
-__all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "plan_family", "save_checkpoint"]
+log = logging.getLogger(__name__)
+
+__all__ = ["MergeEngine", "MergeStats", "merge_to_checkpoint", "moe_to_checkpoint", "plan_family", "save_checkpoint"]
 
 
 def plan_family(
@@ -102,3 +106,43 @@ def merge_to_checkpoint(
     model = engine.materialize(recipe, seed=seed, progress=progress)
     return save_checkpoint(model, recipe, engine.sources, out_dir, card, gguf=gguf, progress=progress,
                            vocabulary=engine.vocabulary)
+
+
+def moe_to_checkpoint(config: MoEConfig, out_dir: str | Path, *, device: str = "auto", seed: int = 0,
+                      allow_bin: bool = False, progress: bool = True, placement: str = "auto",
+                      device_memory: int | str | None = None, host_memory: int | str | None = None,
+                      card: str = "") -> Path:
+    """`mergekit-moe CONFIG OUT` equivalent: the MoE built in memory (as a search builds its
+    candidates), then saved with the base's tokenizer, the config and a model card. The sources are
+    held in their stored dtype (or the expert recipes' dtype) and the MoE is cast to `dtype` (default: the
+    base config's) last."""
+    from evomerge.engine.export import MOE_MARKER, copy_tokenizer, moe_card
+    from evomerge.engine.moe import MoEBuilder, check_inputs, config_dtype
+    from evomerge.paths import atomic_directory
+
+    refs = config.referenced_models()
+    sources = {ref: locate(ref, allow_bin=allow_bin) for ref in refs}
+    check_inputs(config, sources)  # before anything loads: a wrong expert is named by its field
+    out = check_output_dir(out_dir, [s.path for s in sources.values()])
+    # the sources are held as the expert recipes merge them (in their dtype), else as stored
+    asked = {(where, e.recipe.dtype) for where, e in config.all_experts() if e.recipe is not None and e.recipe.dtype}
+    if len({dtype for _, dtype in asked}) > 1:
+        where = sorted(asked)[-1][0]
+        raise MoEConfigError(f"{where}.recipe.dtype: the expert recipes ask for different dtypes "
+                             f"({', '.join(sorted({d for _, d in asked}))}); they share one set of sources")
+    engine = MergeEngine(refs, base_model=config.base_model, device=device,
+                         dtype=next(iter(asked))[1] if asked else None,
+                         out_dtype=config.dtype or config_dtype(sources[config.base_model]), allow_bin=allow_bin,
+                         delta_cache=False, placement=placement, device_memory=device_memory,
+                         host_memory=host_memory, progress=progress)
+    builder = MoEBuilder(engine)
+    model = builder.materialize(config, seed=seed, progress=progress)
+    with atomic_directory(out) as scratch:
+        model.save_pretrained(scratch, safe_serialization=True)
+        copy_tokenizer(engine.sources[config.base_model], scratch)
+        config.save(scratch / MOE_MARKER)
+        (scratch / "README.md").write_text(moe_card(config, out.name, builder.architecture.name, seed) + card,
+                                           encoding="utf-8")
+    log.info("wrote %s (%s, %d experts, %d per token)", out, builder.architecture.name, len(config.experts),
+             config.experts_per_token)
+    return Path(out_dir)

@@ -11,7 +11,6 @@ pass over the sources and no disk writes. Merges are bit-identical on every tier
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from evomerge.checkpoint import SourceModel, locate
 from evomerge.device import dtype_name, parse_dtype, resolve_device
 from evomerge.engine import memory
-from evomerge.engine.plan import Job, Layout, Plan, plan_recipe
+from evomerge.engine.plan import Job, Layout, Plan, plan_recipe, tensor_seed
 from evomerge.engine.store import ALIGN, SourceStore
 from evomerge.engine.vocab import Vocabulary, build_vocabulary
 from evomerge.errors import ArchitectureMismatch, MergeFailure, RecipeError
@@ -46,12 +45,6 @@ class MergeStats:
     fused: int = 0  # tensors merged by the fused weighted-sum path
     bytes_read: int = 0
     bytes_written: int = 0
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed: random methods give the same result whatever order tensors run in."""
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class MergeEngine:

@@ -3,7 +3,7 @@
 `MoEBuilder(engine)` turns a `MoEConfig` into one resident MoE model (transformers' Mixtral, Qwen2
 MoE or Qwen3 MoE class): every tensor outside the MLPs from the base, each expert's MLP from its
 source (or from its merge recipe, materialised by the engine first), router rows from the gates.
-Nothing is written to disk; `moe_to_checkpoint` saves that same model, which is all `evomerge moe`
+Nothing is written to disk; `evomerge.engine.moe_to_checkpoint` saves that same model, which is all `evomerge moe`
 does. Gates computed from prompts depend on the base, the mode and the expert's own prompts only,
 so each prompt set's vectors are computed once and reused by every candidate that routes with it.
 
@@ -22,13 +22,13 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from evomerge.checkpoint import SourceModel
+from evomerge.engine.plan import tensor_seed
 from evomerge.errors import ArchitectureMismatch
 from evomerge.moe import Expert, MoEConfig, MoEConfigError
 from evomerge.recipe import evaluate_setting
@@ -337,8 +337,6 @@ class MoEBuilder:
         def tensor(layer: int, projection: str) -> torch.Tensor:
             out = raw(layer, projection).to(device=self.device, dtype=self.engine.dtype)
             if expert.noise_scale is not None:
-                from evomerge.engine.engine import tensor_seed
-
                 generator = torch.Generator(device=self.device).manual_seed(
                     tensor_seed(seed, f"{where}.{_mlp_name(layer, projection)}"))
                 noise = torch.randn(out.shape, generator=generator, device=self.device, dtype=out.dtype)
@@ -456,48 +454,7 @@ def _rows(target: torch.Tensor, rows: torch.Tensor, scales: list, layer: int) ->
         target[i].copy_(row)
 
 
-def moe_to_checkpoint(config: MoEConfig, out_dir: str | Path, *, device: str = "auto", seed: int = 0,
-                      allow_bin: bool = False, progress: bool = True, placement: str = "auto",
-                      device_memory: int | str | None = None, host_memory: int | str | None = None,
-                      card: str = "") -> Path:
-    """`mergekit-moe CONFIG OUT` equivalent: the MoE built in memory (as a search builds its
-    candidates), then saved with the base's tokenizer, the config and a model card. The sources are
-    held in their stored dtype (or the expert recipes' dtype) and the MoE is cast to `dtype` (default: the
-    base config's) last."""
-    from evomerge.checkpoint import locate
-    from evomerge.engine.engine import MergeEngine
-    from evomerge.engine.export import MOE_MARKER, check_output_dir, copy_tokenizer, moe_card
-    from evomerge.paths import atomic_directory
-
-    refs = config.referenced_models()
-    sources = {ref: locate(ref, allow_bin=allow_bin) for ref in refs}
-    check_inputs(config, sources)  # before anything loads: a wrong expert is named by its field
-    out = check_output_dir(out_dir, [s.path for s in sources.values()])
-    # the sources are held as the expert recipes merge them (in their dtype), else as stored
-    asked = {(where, e.recipe.dtype) for where, e in config.all_experts() if e.recipe is not None and e.recipe.dtype}
-    if len({dtype for _, dtype in asked}) > 1:
-        where = sorted(asked)[-1][0]
-        raise MoEConfigError(f"{where}.recipe.dtype: the expert recipes ask for different dtypes "
-                             f"({', '.join(sorted({d for _, d in asked}))}); they share one set of sources")
-    engine = MergeEngine(refs, base_model=config.base_model, device=device,
-                         dtype=next(iter(asked))[1] if asked else None,
-                         out_dtype=config.dtype or _config_dtype(sources[config.base_model]), allow_bin=allow_bin,
-                         delta_cache=False, placement=placement, device_memory=device_memory,
-                         host_memory=host_memory, progress=progress)
-    builder = MoEBuilder(engine)
-    model = builder.materialize(config, seed=seed, progress=progress)
-    with atomic_directory(out) as scratch:
-        model.save_pretrained(scratch, safe_serialization=True)
-        copy_tokenizer(engine.sources[config.base_model], scratch)
-        config.save(scratch / MOE_MARKER)
-        (scratch / "README.md").write_text(moe_card(config, out.name, builder.architecture.name, seed) + card,
-                                           encoding="utf-8")
-    log.info("wrote %s (%s, %d experts, %d per token)", out, builder.architecture.name, len(config.experts),
-             config.experts_per_token)
-    return Path(out_dir)
-
-
-def _config_dtype(source: SourceModel) -> str | None:
+def config_dtype(source: SourceModel) -> str | None:
     """The base config's dtype (what mergekit-moe gives the MoE when its config names none)."""
     from evomerge.device import DTYPES
 

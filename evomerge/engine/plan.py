@@ -9,6 +9,7 @@ within their slice, weights before the layers use the first slice and those afte
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,12 @@ from evomerge.errors import RecipeError
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Scope
 from evomerge.recipe import InputSlice, OutputSlice, Recipe, evaluate_setting
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: random draws give the same result whatever order tensors run in."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = 
     if isinstance(recipe, MoEConfig):
         if gguf:
             raise EvomergeError("--gguf: GGUF export of a mixture of experts is not built; export it without --gguf")
-        from evomerge.engine.moe import moe_to_checkpoint
+        from evomerge.engine import moe_to_checkpoint
 
         log.info("exporting trial %d (mixture of experts) to %s", record.number, out_dir)
         return moe_to_checkpoint(recipe, out_dir, device=device, seed=record.seed or 0, progress=progress,
