@@ -20,6 +20,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.errors import SpaceError
+from evomerge.moe import MoEConfig
 from evomerge.recipe import Recipe, setting_leaves
 from evomerge.search import SearchSpace, dry_run, run_search
 from evomerge.search.sampler import MethodwiseCmaEs, _seed, from_unit, suggest
@@ -137,7 +138,8 @@ def test_dry_run_prints_recipes_without_models(tmp_path):
     for path in sorted((REPO / "search_spaces").glob("*.yaml")):
         space = SearchSpace.load(path)
         recipes = dry_run(space, 2)
-        assert len(recipes) == 2 and all(isinstance(r, Recipe) for r in recipes)
+        kind = MoEConfig if space.config.moe else Recipe  # demo_moe.yaml proposes mixtures of experts
+        assert len(recipes) == 2 and all(isinstance(r, kind) for r in recipes)
 
 
 def test_dry_run_reads_layer_counts_through_the_checkpoint_code(tiny_family, tmp_path):
