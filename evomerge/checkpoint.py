@@ -41,6 +41,30 @@ TOKENIZER_FILES = (
 )
 
 
+def plain_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of a source's config for a model of plain weights (a GGUF source's quantization setting
+    dropped): what the models the engine builds from it start from."""
+    import copy
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def empty_model(config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A model of `config` on `device` for inference, its parameters allocated but not initialised:
+    whoever builds it writes every one."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped under no_init_weights; tied weights must be one parameter
+    model.requires_grad_(False)
+    return model.eval()
+
+
 @dataclass
 class SourceModel:
     """A located checkpoint: where its files are and what kind they are."""

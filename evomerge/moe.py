@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.device import DTYPES
 from evomerge.errors import RecipeError
-from evomerge.recipe import Recipe, _RecipeDumper, format_validation_error, normalize_setting
+from evomerge.recipe import Recipe, RecipeDumper, format_validation_error, normalize_setting
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_avg", "hidden_last")
 PROMPTED = tuple(m for m in GATE_MODES if m not in ("random", "uniform_random"))  # modes that read prompts
@@ -216,7 +216,7 @@ class MoEConfig(BaseModel):
         return data
 
     def to_yaml(self) -> str:
-        text = yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
+        text = yaml.dump(self.to_dict(), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True)
         if self.uses_extensions():
             text = ("# evomerge MoE config: experts[].recipe / gate_scale are evomerge's; "
                     "build it with `evomerge moe`\n" + text)

@@ -504,7 +504,7 @@ class Recipe(_Strict):
         return {k: data[k] for k in order if k in data}
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
+        return yaml.dump(self.to_dict(), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True)
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
@@ -523,7 +523,7 @@ def _without(data: Any, locations: list[tuple]) -> Any:
     return data
 
 
-class _RecipeDumper(yaml.SafeDumper):
+class RecipeDumper(yaml.SafeDumper):
     """Numeric lists (gradients, layer ranges) in flow style, as mergekit writes them."""
 
 
@@ -532,7 +532,7 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
-_RecipeDumper.add_representer(list, _represent_list)
+RecipeDumper.add_representer(list, _represent_list)
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -10,7 +10,6 @@ pass over the sources and no disk writes. Merges are bit-identical on every tier
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from evomerge.checkpoint import SourceModel, locate
+from evomerge.checkpoint import SourceModel, empty_model, locate, plain_config
 from evomerge.device import dtype_name, parse_dtype, resolve_device
 from evomerge.engine import memory
 from evomerge.engine.plan import Job, Layout, Plan, plan_recipe, tensor_seed
@@ -274,9 +273,7 @@ class MergeEngine:
 
     def _config(self, num_layers: int):
         """The reference's config for an output of `num_layers` layers (and the output vocabulary)."""
-        config = copy.deepcopy(self.sources[self.reference].config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # GGUF sources: the merged model is plain weights
+        config = plain_config(self.sources[self.reference].config)  # GGUF sources: the merge is plain weights
         config.num_hidden_layers = num_layers
         if self.vocabulary is not None:
             config.vocab_size = self.vocabulary.size
@@ -293,16 +290,7 @@ class MergeEngine:
         return config
 
     def _build_model(self, num_layers: int, config=None) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
-        if config is None:
-            config = self._config(num_layers)
-        with no_init_weights(), torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=self.out_dtype)
-        model.tie_weights()  # skipped under no_init_weights; tied weights must be one parameter
-        model.requires_grad_(False)
-        return model.eval()
+        return empty_model(config if config is not None else self._config(num_layers), self.out_dtype, self.device)
 
     def model_for(self, plan: Plan) -> nn.Module:
         """The resident output model, rebuilt only when a recipe changes the layer count."""

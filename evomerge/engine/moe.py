@@ -18,7 +18,6 @@ projection; everything is cast to the output dtype last.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from evomerge.checkpoint import SourceModel
+from evomerge.checkpoint import SourceModel, empty_model, plain_config
 from evomerge.engine.plan import tensor_seed
 from evomerge.errors import ArchitectureMismatch
 from evomerge.moe import Expert, MoEConfig, MoEConfigError
@@ -171,10 +170,10 @@ class GateVectors:
         self.cache: dict[tuple, torch.Tensor] = {}
         self._tokenizer = None
 
-    def __call__(self, mode: str, positive: list[str], negative: list[str] | None) -> torch.Tensor:
-        key = key_of(mode, positive, negative)
-        self.compute([key])
-        return self.cache[key]
+    def get(self, keys: list[tuple]) -> list[torch.Tensor]:
+        """The vectors of these (mode, positive, negative) keys, computing the missing ones."""
+        self.compute(keys)
+        return [self.cache[key] for key in keys]
 
     def compute(self, keys: list[tuple]) -> None:
         """Computes the vectors of every (mode, positive, negative) key not yet cached, loading the
@@ -213,19 +212,11 @@ class GateVectors:
 
     def _hidden_model(self) -> nn.Module:
         """The base in bfloat16, as mergekit-moe loads it for `hidden` gates."""
-        from transformers import AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
-        config = copy.deepcopy(self.base.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with no_init_weights(), torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.tie_weights()
+        model = empty_model(plain_config(self.base.config), torch.bfloat16, self.device)
         params = dict(model.named_parameters())
         for name, tensor in self.base.iter_tensors(set(params), torch.bfloat16, self.device):
             params[name].data.copy_(tensor)
-        return model.requires_grad_(False).eval()
+        return model
 
     def _hidden(self, model: nn.Module, prompts: list[str], average: bool) -> torch.Tensor:
         with torch.no_grad():
@@ -288,16 +279,15 @@ class MoEBuilder:
 
     # ------------------------------------------------------------------ gates
 
-    def gates_for(self, config: MoEConfig) -> GateVectors:
-        if config.base_model not in self._gates:
-            self._gates[config.base_model] = GateVectors(self.engine.sources[config.base_model], self.device)
-        return self._gates[config.base_model]
+    def _gate_vectors(self, base: str) -> GateVectors:
+        if base not in self._gates:
+            self._gates[base] = GateVectors(self.engine.sources[base], self.device)
+        return self._gates[base]
 
     def prepare_gates(self, base: str, prompt_sets: list[tuple[str, list[str], list[str] | None]]) -> None:
         """Computes the gate vectors of every (mode, positive, negative) prompt set up front (a search's
         pool), loading the base once for all of them."""
-        holder = self._gates.setdefault(base, GateVectors(self.engine.sources[base], self.device))
-        holder.compute([key_of(mode, pos, neg) for mode, pos, neg in prompt_sets])
+        self._gate_vectors(base).compute([key_of(mode, pos, neg) for mode, pos, neg in prompt_sets])
         if prompt_sets:
             log.info("computed router rows of %d prompt set(s) from '%s'", len(prompt_sets), base)
 
@@ -307,10 +297,8 @@ class MoEBuilder:
         base = self.engine.sources[config.base_model]
         layers, hidden = base.num_layers, base.config.hidden_size
         if config.routed_by_prompts:
-            vectors = self.gates_for(config)
-            holder = [(e.positive_prompts, e.negative_prompts) for e in gated]
-            vectors.compute([key_of(config.gate_mode, pos, neg) for pos, neg in holder])
-            rows = torch.stack([vectors(config.gate_mode, pos, neg) for pos, neg in holder], dim=1)
+            keys = [key_of(config.gate_mode, e.positive_prompts, e.negative_prompts) for e in gated]
+            rows = torch.stack(self._gate_vectors(config.base_model).get(keys), dim=1)
         else:
             generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same gates on every device
             shape = (layers, len(gated), hidden)
@@ -369,19 +357,14 @@ class MoEBuilder:
     # ------------------------------------------------------------------ the model
 
     def _model_for(self, architecture: OutputArchitecture, config: MoEConfig) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
-        base = self.engine._config(self.engine.model_layers[self.engine.reference])
-        key = (architecture.name, len(config.experts), config.experts_per_token, self.engine.out_dtype)
+        """The resident MoE model, rebuilt only when the architecture or the expert counts change."""
+        key = (architecture.name, len(config.experts), config.experts_per_token)
         if self._model is None or self._model_key != key:
             self._model = None  # the old one goes first
+            base = self.engine._config(self.engine.model_layers[self.engine.reference])
             out = architecture.output_config(base, len(config.experts), config.experts_per_token)
             out.dtype = self.engine.out_dtype
-            with no_init_weights(), torch.device(self.device):
-                model = AutoModelForCausalLM.from_config(out, dtype=self.engine.out_dtype)
-            model.tie_weights()
-            self._model, self._model_key = model.requires_grad_(False).eval(), key
+            self._model, self._model_key = empty_model(out, self.engine.out_dtype, self.device), key
         return self._model
 
     def materialize(self, config: MoEConfig, seed: int = 0, *, progress: bool = False) -> nn.Module:

@@ -168,7 +168,8 @@ class Searcher:
                                   # a MoE search merges only its recipe experts: task vectors pay off then
                                   delta_cache=False if config.moe and not self.space.moe_recipes else "auto")
         # candidates speak the output vocabulary when there is one, else the base's
-        self.engine.moe.prepare_gates(self.space.base, self.space.moe_prompt_sets()) if self.space.config.moe else None
+        if config.moe:  # every prompt set's router rows, once, before the first trial
+            self.engine.moe.prepare_gates(self.space.base, self.space.moe_prompt_sets())
         vocabulary = self.engine.vocabulary
         tokenizer = vocabulary.tokenizer if vocabulary else self.engine.sources[self.engine.reference].tokenizer()
         self.evaluator = Evaluator(self.space.task_requests(), tokenizer, split="search", seed=config.seed,
