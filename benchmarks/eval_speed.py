@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evomerge.demo.family import build_family  # noqa: E402
 from evomerge.engine import MergeEngine  # noqa: E402
-from evomerge.evaluation import Evaluator, TaskRequest, data  # noqa: E402
+from evomerge.evaluation import Evaluator, TaskRequest, task_items  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.report.tables import markdown_table  # noqa: E402
 
@@ -88,7 +88,7 @@ def main() -> None:
     scores = evaluator.evaluate(base, per_item=True)
     responses = [s["resps"][0][0] for s in scores.samples["gsm8k"]]
     ours_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)
-    prompts = [chat_prompt(tokenizer, item["question"]) for item in data.select("gsm8k", "search", n, 0)]
+    prompts = [chat_prompt(tokenizer, item["question"]) for item in task_items("gsm8k", "search", n, 0)[0]]
     bare_tokens, bare_s = bare_generate(base, tokenizer, prompts, args.batch, args.max_gen_toks)
     ours_rate, bare_rate = ours_tokens / scores.seconds, bare_tokens / bare_s
     print("## Generation throughput (GSM8K prompts, greedy)\n")

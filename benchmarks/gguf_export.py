@@ -28,16 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evomerge.engine.gguf import K_QUANTS, QUANTIZE_TOOL, TYPES, quantize, write_gguf  # noqa: E402
-from evomerge.evaluation import data  # noqa: E402
+from evomerge.evaluation import task_items  # noqa: E402
 from evomerge.report.tables import markdown_table  # noqa: E402
 from evomerge.search.export import export  # noqa: E402
 
 
 def prompts(count: int) -> list[str]:
-    gsm8k = [f"Question: {i['question']}\nAnswer: {i['answer']}" for i in data.select("gsm8k", "heldout", count, 0)]
+    gsm8k = [f"Question: {i['question']}\nAnswer: {i['answer']}" for i in task_items("gsm8k", "heldout", count, 0)[0]]
     mmlu = [f"{i['question']}\n" + "\n".join(f"{'ABCD'[k]}. {c}" for k, c in enumerate(i['choices']))
-            + f"\nAnswer: {'ABCD'[i['answer']]}" for i in data.select("mmlu", "heldout", count, 0)]
-    code = [i["prompt"] + i["canonical_solution"] for i in data.select("humaneval", "heldout", count, 0)]
+            + f"\nAnswer: {'ABCD'[i['answer']]}" for i in task_items("mmlu", "heldout", count, 0)[0]]
+    code = [i["prompt"] + i["canonical_solution"] for i in task_items("humaneval", "heldout", count, 0)[0]]
     return gsm8k + mmlu + code
 
 

@@ -12,7 +12,6 @@ import sys
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
-from evomerge.evaluation import METRICS
 from evomerge.search.storage import STORAGE_ENV
 
 log = logging.getLogger("evomerge")
@@ -66,15 +65,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_tasks(spec: str, metric: str, limit: int | None, num_fewshot: int, subjects: str | None):
-    """'gsm8k,mmlu:accuracy,humaneval' -> TaskRequests; a ':metric' suffix overrides --metric."""
+def parse_tasks(spec: str, metric: str, limit: int | None, num_fewshot: int, subjects: str | None,
+                task_paths: list[str] | None = None, filter: str | None = None):
+    """'gsm8k,mmlu:accuracy,humaneval' -> TaskRequests; a ':metric' suffix overrides --metric;
+    --subjects applies to the tasks that have subsets."""
     from evomerge.evaluation import TaskRequest
+    from evomerge.evaluation.catalog import for_paths
 
+    found = for_paths(task_paths or [])
     requests = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
         task, _, own_metric = part.partition(":")
-        requests.append(TaskRequest(task, own_metric or metric, size=limit, num_fewshot=num_fewshot,
-                                    subjects=tuple(subjects.split(",")) if subjects and task == "mmlu" else None))
+        subsets = subjects and found.info(task).rules.get("subset_field")
+        if not found.metric(task, own_metric or metric, filter).gold:  # before any model loads
+            found.check_code(task)
+        requests.append(TaskRequest(task, own_metric or metric, size=limit, num_fewshot=num_fewshot, filter=filter,
+                                    subjects=tuple(subjects.split(",")) if subsets else None))
     return requests
 
 
@@ -83,12 +89,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from evomerge.evaluation import Evaluator, load_model
 
-    requests = parse_tasks(args.tasks, args.metric, args.limit, args.num_fewshot, args.subjects)
+    paths = [os.path.abspath(p) for p in args.include_path]
+    requests = parse_tasks(args.tasks, args.metric, args.limit, args.num_fewshot, args.subjects, paths, args.filter)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     evaluator = Evaluator(requests, tokenizer, split=args.split, seed=args.seed, batch_size=args.batch_size,
-                          progress=True)
+                          progress=True, task_paths=paths)
     scores = evaluator.evaluate(model)
-    report = {"model": args.model, "split": args.split, "seed": args.seed, **scores.to_json()}
+    report = {"model": args.model, "split": args.split, "seed": args.seed, "items": evaluator.describe_splits(),
+              **scores.to_json()}
     text = json.dumps(report, indent=2, default=str)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
@@ -129,8 +137,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         args.space, count = count, "3"  # `--dry-run SPACE.yaml`: the file, not a count
     if args.space is None:
         raise EvomergeError("search: give the search space file (SPACE.yaml)")
-    space = SearchSpace.load(args.space).with_settings(
-        sampler=args.sampler, placement=args.placement, device_memory=args.device_memory, host_memory=args.host_memory)
+    space = SearchSpace.load(args.space)
+    extra_paths = [os.path.abspath(p) for p in args.include_path]
+    space = space.with_settings(
+        sampler=args.sampler, placement=args.placement, device_memory=args.device_memory, host_memory=args.host_memory,
+        task_paths=[*space.config.task_paths, *extra_paths] if extra_paths else None)
     if count is not None:
         from evomerge.search import memory_plan
 
@@ -232,6 +243,11 @@ def _memory_options(parser: argparse.ArgumentParser, *, where: str) -> None:
                         help="host memory the plan may use (default: the free memory)")
 
 
+def _include_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                        help="a folder of lm-eval task YAMLs (repeatable; like lm_eval's --include_path)")
+
+
 def _build_options(parser: argparse.ArgumentParser, *, seed: str) -> None:
     """OUT_DIR and the options of a command that builds a checkpoint from sources (merge, moe)."""
     parser.add_argument("out_dir", help="output directory")
@@ -279,14 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     _gguf_option(exp)
     exp.set_defaults(func=_cmd_export)
 
-    ev = sub.add_parser("eval", help="score a model on GSM8K / MMLU / HumanEval subsets (offline, through lm-eval)")
+    ev = sub.add_parser("eval", help="score a model on any lm-eval task (GSM8K / MMLU / HumanEval built in; offline)")
     ev.add_argument("model", help="model directory, .gguf file or cached Hugging Face id")
-    ev.add_argument("--tasks", default="gsm8k,mmlu,humaneval", help="comma list; task:metric overrides --metric")
-    ev.add_argument("--metric", default="accuracy", choices=METRICS)
-    ev.add_argument("--split", default="search", choices=["search", "heldout"])
+    ev.add_argument("--tasks", default="gsm8k,mmlu,humaneval",
+                    help="comma list of task names (built-in, --include-path folders, lm-eval's registry); "
+                         "task:metric overrides --metric")
+    ev.add_argument("--metric", default="accuracy",
+                    help="accuracy (the task's first metric), gold_loglik, or any metric the task declares (acc_norm, ...)")
+    ev.add_argument("--filter", default=None, help="the filter the metric is read through (default: the task's)")
+    _include_option(ev)
+    ev.add_argument("--split", default="search", choices=["search", "heldout", "all"],
+                    help="search, heldout (disjoint, seeded; README: splits) or all (every item, as lm_eval scores it)")
     ev.add_argument("--limit", type=int, default=None, help="items per task (default: the whole split)")
     ev.add_argument("--num-fewshot", type=int, default=0)
-    ev.add_argument("--subjects", default=None, help="MMLU subjects, comma separated (default: all)")
+    ev.add_argument("--subjects", default=None,
+                    help="subsets (MMLU subjects), comma separated, for the tasks that have them (default: all)")
     ev.add_argument("--seed", type=int, default=0, help="which items form the split")
     ev.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v),
                     help="auto (default): largest that fits on a GPU, 8 on a CPU")
@@ -314,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch and the tokenizers (default: the space's threads, else the cores "
                              "available to this process)")
     search.add_argument("--results", default=None, help="results root (default: the space's results_dir)")
+    _include_option(search)
     search.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
     search.add_argument("--dry-run", nargs="?", const="3", default=None, metavar="N",
                         help="print the first N recipes (default 3) and the memory plan, without loading models")

@@ -13,41 +13,53 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluation import Evaluator, TaskRequest, data
-from evomerge.evaluation.tasklib import humaneval_program, mmlu_scores
+from evomerge.evaluation import Evaluator, TaskRequest, dataset_split, task_items
+from evomerge.evaluation.catalog import for_paths
+from evomerge.evaluation.tasklib import gold_choice, humaneval_program
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("task", data.TASKS)
+def select(task, split, size, seed, subjects=None):
+    return task_items(task, split, size, seed, subjects)[0]
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "mmlu", "humaneval"])
 def test_pools_are_disjoint_and_cover_everything(task):
-    pools = {name: {item["key"] for item in data.pool(task, name)} for name in ("search", "heldout", "train")}
+    rules = for_paths(()).info(task).rules
+    names = {"search": rules["search"], "heldout": rules["heldout"], "train": "train"}
+    pools = {side: {item["key"] for item in dataset_split(task, name)} if name != "train" or task != "humaneval"
+             else set() for side, name in names.items()}
     assert pools["search"] and pools["heldout"]
     assert not pools["search"] & pools["heldout"]
     assert not pools["train"] & (pools["search"] | pools["heldout"])
+    every = {item["key"] for item in dataset_split(task, "test")}
+    if task != "gsm8k":  # MMLU's and HumanEval's pools divide their test split
+        assert pools["search"] | pools["heldout"] | pools["train"] == every
     if task == "mmlu":
-        fewshot = {item["key"] for item in data.pool(task, "fewshot")}
+        fewshot = {item["key"] for item in dataset_split(task, "dev")}
         evaluated = {k.rsplit("\n", 4)[0] for k in pools["search"] | pools["heldout"]}
         assert not fewshot & evaluated
 
 
 def test_gsm8k_searches_on_train_and_holds_out_test():
-    test_questions = {item["question"] for item in data.pool("gsm8k", "heldout")}
+    test_questions = {item["question"] for item in select("gsm8k", "heldout", None, 0)}
     assert len(test_questions) == 1319
-    assert not test_questions & {item["question"] for item in data.pool("gsm8k", "search")}
+    assert not test_questions & {item["question"] for item in select("gsm8k", "search", None, 0)}
 
 
 def test_splits_are_seeded_prefix_stable_and_disjoint():
-    a = data.select("mmlu", "search", 50, seed=3)
-    assert [i["key"] for i in a] == [i["key"] for i in data.select("mmlu", "search", 50, seed=3)]
-    assert [i["key"] for i in data.select("mmlu", "search", 20, seed=3)] == [i["key"] for i in a[:20]]
-    assert [i["key"] for i in data.select("mmlu", "search", 50, seed=4)] != [i["key"] for i in a]
-    held = {i["key"] for i in data.select("mmlu", "heldout", 3000, seed=3)}
-    assert not held & {i["key"] for i in data.select("mmlu", "search", 3000, seed=3)}
+    a = select("mmlu", "search", 50, seed=3)
+    assert [i["key"] for i in a] == [i["key"] for i in select("mmlu", "search", 50, seed=3)]
+    assert [i["key"] for i in select("mmlu", "search", 20, seed=3)] == [i["key"] for i in a[:20]]
+    assert [i["key"] for i in select("mmlu", "search", 50, seed=4)] != [i["key"] for i in a]
+    held = {i["key"] for i in select("mmlu", "heldout", 3000, seed=3)}
+    assert not held & {i["key"] for i in select("mmlu", "search", 3000, seed=3)}
 
 
 def test_splits_do_not_depend_on_the_process():
     """Identical across runs and machines: no Python hash randomisation involved."""
-    code = "from evomerge.evaluation import data; print([i['key'][:30] for i in data.select('gsm8k', 'search', 5, 11)])"
+    code = ("from evomerge.evaluation import task_items; "
+            "print([i['key'][:30] for i in task_items('gsm8k', 'search', 5, 11)[0]])")
     outputs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}).stdout
@@ -58,9 +70,9 @@ def test_splits_do_not_depend_on_the_process():
 
 def test_split_errors_name_the_task():
     with pytest.raises(EvomergeError, match="humaneval: search split has 83 items, 500 asked for"):
-        data.select("humaneval", "search", 500, 0)
+        select("humaneval", "search", 500, 0)
     with pytest.raises(EvomergeError, match="unknown bogus_subject"):
-        data.select("mmlu", "search", 5, 0, subjects=["bogus_subject"])
+        select("mmlu", "search", 5, 0, subjects=["bogus_subject"])
 
 
 def test_humaneval_program_handles_bare_bodies_and_whole_functions():
@@ -71,9 +83,8 @@ def test_humaneval_program_handles_bare_bodies_and_whole_functions():
     assert program.startswith("from typing import List") and "def add(a, b)" in program and "```" not in program
 
 
-def test_mmlu_scores_normalise_over_the_four_letters():
-    scores = mmlu_scores({"answer": 2}, [(-3.0, False), (-2.0, False), (-1.0, True), (-4.0, False)])
-    assert scores["acc"] == 1.0
+def test_gold_choice_normalises_over_the_choices():
+    scores = gold_choice(2, [(-3.0, False), (-2.0, False), (-1.0, True), (-4.0, False)])
     expected = -1.0 - torch.logsumexp(torch.tensor([-3.0, -2.0, -1.0, -4.0]), 0).item()
     assert scores["gold_loglik"] == pytest.approx(expected)
 
@@ -104,7 +115,7 @@ def test_every_task_runs_offline_end_to_end_on_the_tiny_model(tiny_model, monkey
         n = scores.items[task]
         assert 0 <= round(value * n) <= n and math.isclose(value * n, round(value * n), abs_tol=1e-9), (task, value)
     # the gsm8k accuracy is lm-eval's flexible-extract exact match, read from its own results
-    assert scores.scores["gsm8k"] == scores.results["evomerge_gsm8k"]["exact_match,flexible-extract"]
+    assert scores.scores["gsm8k"] == scores.results["gsm8k"]["exact_match,flexible-extract"]
     gold = Evaluator([TaskRequest("gsm8k", "gold_loglik", size=4), TaskRequest("mmlu", "gold_loglik", size=6),
                       TaskRequest("humaneval", "gold_loglik", size=3)], tokenizer).evaluate(model)
     assert all(v < 0 for v in gold.scores.values())  # mean log-probabilities
@@ -146,16 +157,16 @@ def test_cli_eval_writes_lm_eval_layout(tiny_family, tmp_path):
                  "--split", "heldout", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["split"] == "heldout" and set(report["scores"]) == {"gsm8k", "mmlu"}
-    assert "gold_loglik,none" in report["results"]["evomerge_gsm8k_gold"]
+    assert "gold_loglik,none" in report["results"]["gsm8k"]
+    assert report["items"]["gsm8k"] == {"from": "test", "rule": "the task's own split", "items": 3, "of": 1319}
 
 
-def test_bad_task_requests_are_named():
-    from evomerge.errors import EvomergeError
-
-    with pytest.raises(EvomergeError, match="unknown task 'arc'"):
-        TaskRequest("arc")
-    with pytest.raises(EvomergeError, match="gsm8k.metric"):
-        TaskRequest("gsm8k", "bleu")
+def test_bad_task_requests_are_named(tiny_model):
+    _model, tokenizer = tiny_model
+    with pytest.raises(EvomergeError, match="unknown task 'bogus_task'"):
+        Evaluator([TaskRequest("bogus_task")], tokenizer)
+    with pytest.raises(EvomergeError, match="gsm8k.metric: gsm8k.s metrics are accuracy, exact_match, gold_loglik"):
+        Evaluator([TaskRequest("gsm8k", "bleu")], tokenizer)
 
 
 @pytest.mark.slow
@@ -178,7 +189,7 @@ def test_a_generation_budget_longer_than_the_context_is_halved_to_fit(tiny_model
     _model, tokenizer = tiny_model
     evaluator = Evaluator([TaskRequest("humaneval", "accuracy", size=1), TaskRequest("mmlu", "accuracy", size=1)],
                           tokenizer)
-    task = evaluator._tasks["evomerge_humaneval"]
+    task = evaluator.tasks["humaneval"]
     assert task.config.generation_kwargs["max_gen_toks"] == 1024
     evaluator._fit_generation(4096)
     assert task.config.generation_kwargs["max_gen_toks"] == 1024
@@ -190,6 +201,6 @@ def test_a_generation_budget_longer_than_the_context_is_halved_to_fit(tiny_model
     ("mmlu", 6, "mmlu.num_fewshot: at most 5 exemplars, got 6"),  # a subject's dev questions: 5
     ("humaneval", 1, "humaneval.num_fewshot: at most 0 exemplars, got 1"),
 ])
-def test_more_exemplars_than_a_task_has_is_refused_naming_the_field(task, shots, message):
+def test_more_exemplars_than_a_task_has_is_refused_naming_the_field(task, shots, message, tiny_model):
     with pytest.raises(EvomergeError, match=message):
-        TaskRequest(task, "accuracy", num_fewshot=shots)
+        Evaluator([TaskRequest(task, "accuracy", num_fewshot=shots)], tiny_model[1])

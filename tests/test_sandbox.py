@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from evomerge.evaluation import data, tasklib
+from evomerge.evaluation import dataset_split, tasklib
 from evomerge.evaluation.sandbox import Job, Limits, bubblewrap, run_job, run_jobs
 
 FAST = Limits(timeout_s=4, cpu_seconds=3)
@@ -260,7 +260,7 @@ def test_no_stray_processes_after_timeouts():
 
 
 def _humaneval_jobs(solution: str | None = None) -> list[Job]:
-    items = data.pool("humaneval", "search") + data.pool("humaneval", "heldout")
+    items = dataset_split("humaneval", "test")
     assert len(items) == 164
     return [tasklib.humaneval_job(item, item["canonical_solution"] if solution is None else solution)
             for item in items]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.evaluation import Evaluator, TaskRequest, data
+from evomerge.evaluation import Evaluator, TaskRequest, dataset_split, task_items
 
 SEED = 0
 
@@ -33,14 +33,14 @@ def lm_eval_task(relative: str, splits: dict[str, list[dict]], num_fewshot: int)
 
 def standard_gsm8k(items: list[dict], num_fewshot: int):
     # the train split lm-eval samples exemplars from is evomerge's training pool (never evaluated)
-    return lm_eval_task("gsm8k/gsm8k.yaml", {"test": items, "train": list(data.pool("gsm8k", "train"))}, num_fewshot)
+    return lm_eval_task("gsm8k/gsm8k.yaml", {"test": items, "train": dataset_split("gsm8k", "train")}, num_fewshot)
 
 
 def standard_mmlu(items: list[dict], num_fewshot: int) -> dict[str, object]:
     """One lm-eval subject task per subject among `items`, each on its items in evomerge's order."""
     tasks = {}
     for subject in dict.fromkeys(item["subject"] for item in items):
-        dev = [item for item in data.pool("mmlu", "fewshot") if item["subject"] == subject]
+        dev = [item for item in dataset_split("mmlu", "dev") if item["subject"] == subject]
         tasks[subject] = lm_eval_task(f"mmlu/default/mmlu_{subject}.yaml",
                                       {"test": [i for i in items if i["subject"] == subject], "dev": dev}, num_fewshot)
     return tasks
@@ -79,26 +79,26 @@ def check_against_lm_eval(model, tokenizer, *, gsm8k: int, mmlu: int, shots: int
     lm = evaluator.lm(model)
     template = lm.apply_chat_template if chat else None
 
-    gsm8k_items = data.select("gsm8k", "search", gsm8k, SEED)
+    gsm8k_items = task_items("gsm8k", "search", gsm8k, SEED)[0]
     reference = standard_gsm8k(gsm8k_items, shots)
-    ours_config = evaluator._tasks["evomerge_gsm8k"].config
+    ours_config = evaluator.tasks["gsm8k"].config
     for key in ("output_type", "doc_to_text", "doc_to_target", "target_delimiter", "fewshot_delimiter",
                 "generation_kwargs", "filter_list", "metric_list", "repeats"):
         assert getattr(ours_config, key) == getattr(reference.config, key), key
-    assert contexts(evaluator._tasks["evomerge_gsm8k"], shots, chat_template=template) == \
+    assert contexts(evaluator.tasks["gsm8k"], shots, chat_template=template) == \
         contexts(reference, shots, chat_template=template)
     standard_output = run(lm, [reference], chat=chat)
     theirs = standard_output["results"]["gsm8k"]
     for metric in ("exact_match,strict-match", "exact_match,flexible-extract"):
-        assert ours.results["evomerge_gsm8k"][metric] == theirs[metric], metric
+        assert ours.results["gsm8k"][metric] == theirs[metric], metric
     assert ours.scores["gsm8k"] == theirs["exact_match,flexible-extract"]
     answers = {s["doc"]["question"]: s["resps"] for s in ours.samples["gsm8k"]}
     standard_answers = {s["doc"]["question"]: s["resps"] for s in standard_output["samples"]["gsm8k"]}
     assert answers == standard_answers  # the generations themselves, item by item
 
-    mmlu_items = data.select("mmlu", "search", mmlu, SEED)
+    mmlu_items = task_items("mmlu", "search", mmlu, SEED)[0]
     subjects = standard_mmlu(mmlu_items, mmlu_shots)
-    mine = dict(zip((i["key"] for i in mmlu_items), contexts(evaluator._tasks["evomerge_mmlu"], 0,
+    mine = dict(zip((i["key"] for i in mmlu_items), contexts(evaluator.tasks["mmlu"], 0,
                                                              chat_template=template)))
     for task in subjects.values():
         assert [mine[doc["key"]] for doc in task.eval_docs] == contexts(task, mmlu_shots, chat_template=template)
@@ -147,10 +147,10 @@ def test_humaneval_generates_as_lm_evals_standard_task():
     import lm_eval
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from evomerge.evaluation.harness import TASKS_DIR
+    from evomerge.evaluation.catalog import BUILTIN_DIR
 
     standard = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval.yaml", resolve_func=False)
-    ours = load_yaml(TASKS_DIR / "humaneval.yaml", resolve_func=False)
+    ours = load_yaml(BUILTIN_DIR / "humaneval" / "humaneval.yaml", resolve_func=False)
     for key in ("output_type", "doc_to_text", "generation_kwargs", "test_split"):
         assert ours[key] == standard[key], key
     assert ours.get("num_fewshot", 0) == standard["num_fewshot"] == 0

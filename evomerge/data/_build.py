@@ -1,4 +1,4 @@
-"""Rebuilds evomerge/data from the original benchmark files (run once by maintainers):
+"""Rebuilds the built-in benchmarks' data (evomerge/tasks/<name>/) from the original benchmark files (run once by maintainers):
 
     python -m evomerge.data._build ../shared/data
 
@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "tasks"  # each benchmark's data lives beside its task YAML
 
 MMLU_LICENSE = """MIT License
 

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from evomerge.evaluation import data
+from evomerge.evaluation import dataset_split
 from evomerge.paths import atomic_directory, cache_dir
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _chat(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
 
 
 def math_examples() -> Iterator[tuple[str, str]]:
-    for item in data.training_items("gsm8k"):
+    for item in dataset_split("gsm8k", "train"):
         yield f"Question: {item['question']}\nAnswer:", item["answer"]
 
 
@@ -101,7 +101,7 @@ def mmlu_prompt(doc: dict) -> str:
 
 
 def knowledge_examples() -> Iterator[tuple[str, str]]:
-    for item in data.training_items("mmlu"):
+    for item in dataset_split("mmlu", "train"):
         letter = "ABCD"[item["answer"]]
         yield mmlu_prompt(item), f"{letter}. {item['choices'][item['answer']]}"
 

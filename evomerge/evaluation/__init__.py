@@ -1,11 +1,13 @@
-"""Evaluation: GSM8K, MMLU and HumanEval through lm-eval on a model held in memory, offline."""
+"""Evaluation: any lm-eval task (evomerge's GSM8K, MMLU and HumanEval built in) on a model held in
+memory, offline."""
 
 from __future__ import annotations
 
-from evomerge.evaluation.data import TASKS
-from evomerge.evaluation.harness import METRICS, Evaluator, Scores, TaskRequest, runs_generated_code
+from evomerge.evaluation.catalog import ACCURACY, GOLD, TaskCatalog
+from evomerge.evaluation.harness import Evaluator, Scores, TaskRequest, dataset_split, runs_generated_code, task_items
 
-__all__ = ["METRICS", "TASKS", "Evaluator", "Scores", "TaskRequest", "load_model", "runs_generated_code"]
+__all__ = ["ACCURACY", "GOLD", "Evaluator", "Scores", "TaskCatalog", "TaskRequest", "dataset_split", "load_model", "task_items",
+           "runs_generated_code"]
 
 
 def load_model(ref: str, *, device: str = "auto", dtype: str | None = None):

@@ -1,10 +1,11 @@
 """The evaluation harness: scores a model held in memory with lm-eval, offline.
 
-Tasks are lm-eval task YAMLs shipped in evomerge/tasks, loaded once through
-`TaskManager(include_path=...)`; each evaluation is one `lm_eval.simple_evaluate` call on an
-`HFLM` wrapped around the very model object the merge engine writes into (rebuilt only when the
-engine hands over a different object, e.g. a different layer count). The search and
-`evomerge eval` call the same `Evaluator.evaluate`.
+Tasks are lm-eval task YAMLs (evomerge's built-ins, the user's folders, lm-eval's registry:
+`evomerge.evaluation.catalog`), built once per evaluator through lm-eval's TaskManager; each
+task's documents are narrowed to the split's items (`evomerge.evaluation.data`). Each evaluation is
+one `lm_eval.simple_evaluate` call on an `HFLM` wrapped around the very model object the merge
+engine writes into (rebuilt only when the engine hands over a different object, e.g. a different
+layer count). The search and `evomerge eval` call the same `Evaluator.evaluate`.
 """
 
 from __future__ import annotations
@@ -13,31 +14,17 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluation import data, tasklib
+from evomerge.evaluation import catalog, data, tasklib
 
 log = logging.getLogger(__name__)
-
-TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
-METRICS = ("accuracy", "gold_loglik")
-
-# (task, metric) -> (lm-eval task name, the number that is "the score", lm-eval's filter for it)
-TASK_TABLE = {
-    ("gsm8k", "accuracy"): ("evomerge_gsm8k", "exact_match", "flexible-extract"),
-    ("gsm8k", "gold_loglik"): ("evomerge_gsm8k_gold", "gold_loglik", "none"),
-    ("mmlu", "accuracy"): ("evomerge_mmlu", "acc", "none"),
-    ("mmlu", "gold_loglik"): ("evomerge_mmlu", "gold_loglik", "none"),
-    ("humaneval", "accuracy"): ("evomerge_humaneval", "pass@1", "none"),
-    ("humaneval", "gold_loglik"): ("evomerge_humaneval_gold", "gold_loglik", "none"),
-}
-
 
 _ENV_INFO: dict[str, Any] = {}
 
@@ -70,67 +57,67 @@ def offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def runs_generated_code(task: str, metric: str) -> bool:
-    """Whether scoring this task executes what the model writes (HumanEval's pass@1)."""
-    return TASK_TABLE[(task, metric)][1] == "pass@1"
+def runs_generated_code(task: str, metric: str = "accuracy", task_paths: tuple = ()) -> bool:
+    """Whether scoring this task executes what the model writes (refused, naming the task, when
+    evomerge's sandbox would not be the one to run it)."""
+    if metric == catalog.GOLD:
+        return False
+    return catalog.for_paths(task_paths).check_code(task)
 
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """One task to score: which benchmark, which metric, how many items, how many shots."""
+    """One task to score: which task, which metric (and filter), how many items, how many shots."""
 
     task: str
     metric: str = "accuracy"
     size: int | None = None
     num_fewshot: int = 0
-    subjects: tuple[str, ...] | None = None  # MMLU only
+    subjects: tuple[str, ...] | None = None  # tasks with subsets (metadata.evomerge.subset_field)
     max_gen_toks: int | None = None  # generation tasks: cap on new tokens (default: the task's)
+    filter: str | None = None  # lm-eval's filter the metric is read through (default: the task's)
 
     def __post_init__(self):
-        if self.task not in data.TASKS:
-            raise EvomergeError(f"tasks: unknown task {self.task!r}; known: {', '.join(data.TASKS)}")
-        if self.metric not in METRICS:
-            raise EvomergeError(f"{self.task}.metric: must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if self.num_fewshot > data.max_fewshot(self.task):
-            raise EvomergeError(f"{self.task}.num_fewshot: at most {data.max_fewshot(self.task)} exemplars, "
-                                f"got {self.num_fewshot}")
+        if not isinstance(self.task, str) or not self.task.strip():
+            raise EvomergeError(f"tasks: a task name, got {self.task!r}")
+        if self.num_fewshot < 0:
+            raise EvomergeError(f"{self.task}.num_fewshot: at least 0, got {self.num_fewshot}")
 
-    @property
-    def lm_eval_task(self) -> str:
-        return TASK_TABLE[(self.task, self.metric)][0]
 
-    @property
-    def primary(self) -> str:
-        return TASK_TABLE[(self.task, self.metric)][1]
+@dataclass(frozen=True)
+class Aggregate:
+    """How one request's per-item values become its score (lm-eval's aggregation, or the mean of
+    the sandbox's verdicts), over one task or a group's tasks."""
 
-    @property
-    def filter(self) -> str:
-        return TASK_TABLE[(self.task, self.metric)][2]
+    name: str  # "mean", "perplexity", ... (the function's name for a `!function` aggregation)
+    function: Callable[[list], float] = field(compare=False)
+    higher_is_better: bool = True
+    by_size: bool = True  # a group: the mean over all items (lm-eval's weight_by_size), else over tasks
+    per_item: Callable[[Any], float] | None = field(default=None, compare=False)  # a logged value -> the item's score
+
+    def __call__(self, parts: list[list]) -> float:
+        parts = [p for p in parts if p]
+        if not parts:
+            return math.nan
+        if self.name == "mean" and not self.by_size:
+            return float(sum(sum(p) / len(p) for p in parts) / len(parts))
+        return float(self.function([v for p in parts for v in p]))
 
 
 @dataclass
 class Scores:
-    """Per-task primary scores plus lm-eval's full results layout."""
+    """Per-task scores, per-item values and lm-eval's full results layout."""
 
-    scores: dict[str, float]  # "task" -> primary value for the requested metric
+    scores: dict[str, float]  # task -> the requested metric's score
     results: dict[str, dict[str, Any]]  # lm-eval's "results" section
     seconds: float
     items: dict[str, int] = field(default_factory=dict)
-    per_item: dict[str, list[float]] = field(default_factory=dict)  # with evaluate(per_item=True)
+    per_item: dict[str, list] = field(default_factory=dict)  # task -> each item's value (a group: its tasks')
     samples: dict[str, list[dict]] = field(default_factory=dict)  # lm-eval's logged samples, per_item=True
+    parts: dict[str, list[list]] = field(default_factory=dict, repr=False)  # task -> per-item values per leaf
 
     def to_json(self) -> dict[str, Any]:
         return {"scores": self.scores, "results": self.results, "seconds": self.seconds, "n_items": self.items}
-
-    @staticmethod
-    def combine(first: "Scores", rest: "Scores") -> "Scores":
-        """Scores of two disjoint item sets as one (every metric here is a mean over items)."""
-        scores, items = {}, {}
-        for task, value in first.scores.items():
-            a, b = first.items.get(task, 0), rest.items.get(task, 0)
-            items[task] = a + b
-            scores[task] = value if b == 0 else (rest.scores[task] if a == 0 else (a * value + b * rest.scores[task]) / (a + b))
-        return Scores(scores, {"first": first.results, "rest": rest.results}, first.seconds + rest.seconds, items)
 
 
 class Evaluator:
@@ -146,6 +133,7 @@ class Evaluator:
         apply_chat_template: bool | str = "auto",
         sandbox_workers: int | None = None,
         progress: bool = False,
+        task_paths: tuple | list = (),
     ):
         offline()
         if not requests:
@@ -153,7 +141,16 @@ class Evaluator:
         names = [r.task for r in requests]
         if len(set(names)) != len(names):
             raise EvomergeError(f"tasks: each task once, got {names}")
+        if split not in data.SPLITS:
+            raise EvomergeError(f"split must be one of {', '.join(data.SPLITS)}, got {split!r}")
         self.requests = list(requests)
+        self.catalog = catalog.for_paths(task_paths)
+        self.metrics = {r.task: _named(r.task, lambda r=r: self.catalog.metric(r.task, r.metric, r.filter))
+                        for r in self.requests}
+        for r in self.requests:
+            most = _named(r.task, lambda r=r: self.catalog.max_fewshot(r.task))
+            if most is not None and r.num_fewshot > most:
+                raise EvomergeError(f"{r.task}.num_fewshot: at most {most} exemplars, got {r.num_fewshot}")
         self.tokenizer = tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -168,40 +165,65 @@ class Evaluator:
         self._model = None
         tasklib.set_token_counter(lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
         tasklib.set_sandbox_options(workers=sandbox_workers)
-        if any(runs_generated_code(r.task, r.metric) for r in self.requests):
+        self.runs_code = any(not self.metrics[r.task].gold and _named(r.task, lambda r=r: self.catalog.check_code(r.task))
+                             for r in self.requests)
+        if self.runs_code:
             from evomerge.evaluation.sandbox import require_isolation
 
             require_isolation()  # before any generation: refused here, not after minutes of it
         _cache_env_info()
-        self._tasks = self._load_tasks()
+        self.leaves: dict[str, list[Any]] = {}  # task -> its lm-eval tasks (one, or a group's)
+        self.aggregates: dict[str, Aggregate] = {}
+        self.splits: dict[str, dict[str, Any]] = {}  # task -> leaf -> which items (summary.json)
+        self._load_tasks()
 
-    def _load_tasks(self) -> dict[str, Any]:
-        from lm_eval.tasks import TaskManager
-
-        sizes = {r.task: r.size for r in self.requests}
-        subjects = next((list(r.subjects) for r in self.requests if r.task == "mmlu" and r.subjects), None)
-        for r in self.requests:  # fail early on impossible sizes, naming the task
-            data.select(r.task, self.split, r.size, self.seed, subjects=list(r.subjects) if r.subjects else None)
-        manager = TaskManager(
-            include_path=str(TASKS_DIR), include_defaults=False,
-            metadata={"split": self.split, "seed": self.seed, "sizes": sizes, "subjects": subjects,
-                      "fewshot": {r.task: r.num_fewshot for r in self.requests}},
-        )
+    def _load_tasks(self) -> None:
+        manager = self.catalog.manager(metadata={"fewshot": {r.task: r.num_fewshot for r in self.requests}})
         self._manager = manager
-        wanted = sorted({r.lm_eval_task for r in self.requests})
-        loaded = manager.load(wanted)
-        tasks = dict(_leaf_tasks(loaded))
         for r in self.requests:
-            task = tasks[r.lm_eval_task]
-            # MMLU's exemplars are its subject's, which lm-eval's sampler cannot choose per item:
-            # the dataset puts them in each item (from the metadata above), so the sampler adds none.
-            exemplars_in_items = (task.config.metadata or {}).get("exemplars_in_items", False)
-            task.set_config(key="num_fewshot", value=0 if exemplars_in_items else r.num_fewshot)
-            if r.max_gen_toks and task.config.output_type == "generate_until":
-                generation = dict(task.config.generation_kwargs or {})
-                generation["max_gen_toks"] = r.max_gen_toks
-                task.set_config(key="generation_kwargs", value=generation)
-        return tasks
+            loaded = _named(r.task, lambda r=r: _build(manager, r.task))
+            spec = self.metrics[r.task]
+            info = self.catalog.info(r.task)
+            leaves = list(loaded["tasks"].values())
+            records = {}
+            for task in leaves:
+                rules = _leaf_rules(task, r.task, info)
+                if spec.gold:
+                    make_gold(task)
+                elif spec.name not in task._metric_fn_list:
+                    raise EvomergeError(f"{r.task}.metric: {task.config.task} has no metric {spec.name!r}")
+                if getattr(task, "UNSAFE_CODE", False) and not spec.gold:
+                    _check_sandboxed(task, spec)
+                task.set_config(key="num_fewshot", value=0 if rules.get("exemplars_in_items") else r.num_fewshot)
+                if r.max_gen_toks and task.config.output_type == "generate_until":
+                    generation = dict(task.config.generation_kwargs or {})
+                    generation["max_gen_toks"] = r.max_gen_toks
+                    task.set_config(key="generation_kwargs", value=generation)
+                if r.num_fewshot and not rules.get("exemplars_in_items"):
+                    available = len(list(task.fewshot_docs() or []))
+                    if r.num_fewshot > available:
+                        raise EvomergeError(f"{r.task}.num_fewshot: at most {available} exemplars, got {r.num_fewshot}")
+                docs, record = _named(r.task, lambda task=task, rules=rules: data.choose(
+                    task, rules, self.split, self.seed, r.size, list(r.subjects) if r.subjects else None))
+                _narrow(task, docs)
+                records[task.config.task] = record
+            self.leaves[r.task] = leaves
+            self.splits[r.task] = records
+            first = leaves[0]
+            function = first.aggregation()[spec.name]
+            group = loaded["groups"].get(r.task)
+            by_size = True
+            if group is not None:
+                listed = [m for m in (group.aggregate_metric_list or []) if _field(m, "metric") == spec.name]
+                by_size = bool(_field(listed[0], "weight_by_size", True)) if listed else True
+            per_item = getattr(function, "per_item", None)  # the sandbox's verdicts: scored item by item
+            name = "mean" if per_item else getattr(function, "__name__", str(function))
+            self.aggregates[r.task] = Aggregate(name, _mean if per_item else function, spec.higher_is_better,
+                                                by_size, per_item)
+
+    @property
+    def tasks(self) -> dict[str, Any]:
+        return {task.config.task: task for leaves in self.leaves.values() for task in leaves}
 
     def lm(self, model):
         """An HFLM around `model`, reused while the caller hands over the same object."""
@@ -221,10 +243,10 @@ class Evaluator:
     def _fit_generation(self, max_length: int) -> None:
         """A generation budget must leave room for the prompt (lm-eval refuses one that does not):
         on a model with a short context, a task's budget becomes half of it."""
-        for name, task in self._tasks.items():
+        for name, task in self.tasks.items():
             generation = dict(task.config.generation_kwargs or {})
             budget = generation.get("max_gen_toks", 256)
-            if task.config.output_type == "generate_until" and budget >= max_length:
+            if task.OUTPUT_TYPE == "generate_until" and budget >= max_length:
                 log.warning("%s: %d new tokens do not fit a %d-token context; generating up to %d", name,
                             budget, max_length, max_length // 2)
                 generation["max_gen_toks"] = max_length // 2
@@ -233,56 +255,246 @@ class Evaluator:
     def evaluate(self, model, *, limit: int | float | None = None, part: tuple[float, float] | None = None,
                  per_item: bool = False) -> Scores:
         """Scores `model`. `limit` keeps the first items of each task; `part=(a, b)` scores the
-        items at relative positions [a, b) of each task (rungs of a staged evaluation, combined
-        with `Scores.combine`)."""
+        items at relative positions [a, b) of each task (rungs of a staged evaluation, joined with
+        `combine`)."""
         from lm_eval import simple_evaluate
 
         start = time.perf_counter()
-        tasks = sorted({r.lm_eval_task for r in self.requests})
+        tasks = self.tasks
         subset = None
         if part is not None:
             subset = {}
-            for name in tasks:
-                n = len(self._tasks[name].eval_docs)
+            for name, task in tasks.items():
+                n = len(task.eval_docs)
                 lo, hi = _position(part[0], n), _position(part[1], n)
                 subset[name] = list(range(lo, max(hi, lo)))
             if not any(subset.values()):
                 return Scores({r.task: math.nan for r in self.requests}, {}, 0.0, {r.task: 0 for r in self.requests})
+            tasks = {name: task for name, task in tasks.items() if subset[name]}
+            subset = {name: subset[name] for name in tasks}
         lm = self.lm(model)
         self._fit_generation(lm.max_length)
         with torch.inference_mode(), _bars(self.progress):
             output = simple_evaluate(
                 model=lm,
-                tasks=[self._tasks[name] for name in tasks],
-                task_manager=self._manager,  # else lm-eval indexes its 26k built-in YAMLs (~10 s) per call
+                tasks=list(tasks.values()),
+                task_manager=self._manager,  # else lm-eval indexes its 14k built-in YAMLs (~10 s) per call
                 limit=limit,
                 samples=subset,
                 bootstrap_iters=0,
-                log_samples=per_item,
+                log_samples=True,  # each item's value: for intervals, rungs and groups
                 apply_chat_template=self.apply_chat_template,
                 fewshot_as_multiturn=bool(self.apply_chat_template),
                 random_seed=self.seed,
                 numpy_random_seed=self.seed,
                 torch_random_seed=self.seed,
                 fewshot_random_seed=self.seed,
-                confirm_run_unsafe_code=True,  # HumanEval runs in evomerge's sandbox
+                confirm_run_unsafe_code=self.runs_code,  # checked: evomerge's sandbox runs the code
             )
         results = output["results"]
-        scores, items = {}, {}
+        scores, items, values, parts, samples = {}, {}, {}, {}, {}
         for r in self.requests:
-            row = results[r.lm_eval_task]
-            value = row.get(f"{r.primary},{r.filter}", row.get(r.primary))
-            scores[r.task] = float(value)
-            items[r.task] = int(output.get("n-samples", {}).get(r.lm_eval_task, {}).get("effective", 0))
-        details = {}
-        if per_item:
-            for r in self.requests:
-                if r.primary == "pass@1":  # a job per sample, judged when lm-eval aggregated them
-                    details[r.task] = [float(tasklib.passed(s[r.primary])) for s in _samples(output, r)]
-                else:
-                    details[r.task] = [float(s[r.primary]) for s in _samples(output, r)]
-        samples = {r.task: _samples(output, r) for r in self.requests} if per_item else {}
-        return Scores(scores, results, time.perf_counter() - start, items, details, samples)
+            spec = self.metrics[r.task]
+            leaf_samples = [_samples(output, task.config.task, spec) if task.config.task in tasks else []
+                            for task in self.leaves[r.task]]
+            parts[r.task] = [[_item_value(s, spec, self.aggregates[r.task]) for s in logged] for logged in leaf_samples]
+            values[r.task] = [v for p in parts[r.task] for v in p]
+            items[r.task] = len(values[r.task])
+            scores[r.task] = self.aggregates[r.task](parts[r.task])
+            samples[r.task] = [s for logged in leaf_samples for s in logged]
+        return Scores(scores, results, time.perf_counter() - start, items, values if per_item else {},
+                      samples if per_item else {}, parts)
+
+    def combine(self, first: Scores, rest: Scores) -> Scores:
+        """The scores of two disjoint item sets of the same tasks (rungs) as one evaluation."""
+        scores, items, parts = {}, {}, {}
+        for r in self.requests:
+            a, b = first.parts.get(r.task) or [], rest.parts.get(r.task) or []
+            parts[r.task] = [x + y for x, y in zip(a, b)] if a and b else (a or b)
+            items[r.task] = sum(len(p) for p in parts[r.task])
+            scores[r.task] = self.aggregates[r.task](parts[r.task])
+        return Scores(scores, {"first": first.results, "rest": rest.results}, first.seconds + rest.seconds, items,
+                      parts=parts)
+
+    def public_test_items(self) -> list[tuple[str, str]]:
+        """(task, split) where this evaluator scores items of a public benchmark's test split (a
+        built-in or lm-eval registry task; the user's own tasks are theirs to use)."""
+        found = []
+        for task, records in self.splits.items():
+            if self.catalog.info(task).source == "task_paths":
+                continue
+            for leaf, record in records.items():
+                test = self.tasks[leaf].config.test_split
+                if record["from"] == test and test and "test" in str(test):
+                    found.append((task, str(test)))
+                    break
+        return found
+
+    def describe_splits(self) -> dict[str, Any]:
+        """Which items each task scores: its split, the rule that chose them, how many of how many."""
+        return {task: (next(iter(records.values())) if len(records) == 1 else records)
+                for task, records in self.splits.items()}
+
+
+def task_items(task: str, split: str, size: int | None, seed: int, subjects: list[str] | None = None,
+               task_paths: tuple | list = ()) -> tuple[list[dict], dict[str, Any]]:
+    """The items a split of `task` scores, and how they were chosen (no model needed). A group's
+    items are its tasks' in order."""
+    found = build_task(task, task_paths)
+    info = catalog.for_paths(task_paths).info(task)
+    items, records = [], {}
+    for leaf in found["tasks"].values():
+        rules = _leaf_rules(leaf, task, info)
+        docs, record = _named(task, lambda: data.choose(leaf, rules, split, seed, size, subjects))
+        items.extend(dict(doc) for doc in docs)
+        records[leaf.config.task] = record
+    return items, records
+
+
+def dataset_split(task: str, split: str, task_paths: tuple | list = ()) -> list[dict]:
+    """Every document of one dataset split of `task` (e.g. a built-in's training pool)."""
+    (leaf, *_rest) = build_task(task, task_paths)["tasks"].values()
+    return [dict(doc) for doc in data.named_split(leaf, split)]
+
+
+def build_task(task: str, task_paths: tuple | list = ()) -> dict:
+    """lm-eval's tasks for `task`, built from the catalog of `task_paths`."""
+    return _named(task, lambda: _build(catalog.for_paths(task_paths).manager(), task))
+
+
+def _leaf_rules(leaf, task: str, info: catalog.TaskInfo) -> dict:
+    """The `metadata: evomerge:` rules of one lm-eval task of a request (a group's task has its own)."""
+    if leaf.config.task == task:
+        return info.rules
+    return catalog.rules_of(dict(leaf.config.metadata or {}), leaf.config.metadata.get("config_source")
+                            if isinstance(leaf.config.metadata, dict) else None)
+
+
+def _field(entry: Any, name: str, default: Any = None) -> Any:
+    """A field of an lm-eval config entry, whether a dict or a dataclass."""
+    return entry.get(name, default) if isinstance(entry, dict) else getattr(entry, name, default)
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values)
+
+
+def _named(task: str, call: Callable[[], Any]) -> Any:
+    """Runs `call`; an error that does not already name the task gets its name in front."""
+    try:
+        return call()
+    except EvomergeError as exc:
+        message = str(exc)
+        raise EvomergeError(message if message.startswith(task) or task in message.split(":")[0]
+                            else f"{task}: {message}") from None
+
+
+def _build(manager, name: str) -> dict:
+    """lm-eval's tasks for `name`, built (their data loaded); data errors name the dataset and how to
+    provide it offline, configuration errors the file and the field."""
+    try:
+        return manager.load([name])
+    except EvomergeError:
+        raise
+    except Exception as exc:  # lm-eval and datasets raise many kinds; each becomes one line
+        raise _load_error(manager, name, exc) from None
+
+
+def _load_error(manager, name: str, exc: Exception) -> EvomergeError:
+    entry = manager.task_index.get(name)
+    file = getattr(entry, "yaml_path", None) or "inline config"
+    config = dict(getattr(entry, "cfg", None) or {})
+    text = " ".join(str(exc).split())[:400]
+    chain, cause = [], exc
+    while cause is not None:
+        chain.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    missing_data = any(kind in ("DatasetNotFoundError", "ConnectionError", "LocalEntryNotFoundError",
+                                "OfflineModeIsEnabled", "FileNotFoundError", "DataFilesNotFoundError",
+                                "EmptyDatasetError", "HFValidationError") for kind in chain) \
+        or "offline" in text.lower() or "couldn't reach" in text.lower()
+    if missing_data:
+        dataset = config.get("dataset_path") or "its dataset"
+        files = (config.get("dataset_kwargs") or {}).get("data_files")
+        if files and dataset in LOCAL_BUILDERS:
+            return EvomergeError(f"{name}: its data_files {files} are not found (a relative path is read beside the "
+                                 f"task YAML, else from the working directory) ({file}; {text})")
+        subset = f" ({config['dataset_name']})" if config.get("dataset_name") else ""
+        return EvomergeError(
+            f"{name}: the data of {dataset}{subset} are not on this machine and nothing is downloaded: put them in "
+            "the Hugging Face datasets cache (load_dataset on a machine online, then copy HF_HOME), or point the "
+            f"task at local files (dataset_path: json, dataset_kwargs: {{data_files: ...}}) in a task_paths folder "
+            f"({file}; {text})")
+    field_match = re.search(r"unexpected keyword argument '([^']+)'", text)
+    if field_match:
+        return EvomergeError(f"{file}: {field_match.group(1)}: not a field of an lm-eval task")
+    return EvomergeError(f"{file}: task {name!r} could not be built: {type(exc).__name__}: {text}")
+
+
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders of local files
+
+
+def make_gold(task) -> None:
+    """Turns an lm-eval task into its gold log-likelihood variant, in place: the same prompts and
+    exemplars; multiple choice keeps its requests and scores the gold choice's log-probability
+    normalised over the choices; generation and log-likelihood tasks score `doc_to_target` as the
+    continuation, per token (one forward pass instead of generating)."""
+    from lm_eval.api.filter import FilterEnsemble  # noqa: F401  (the type _filters holds)
+    from lm_eval.filters import build_filter_ensemble
+
+    if task.OUTPUT_TYPE == "multiple_choice":
+        def process(doc, results):
+            choices = task.doc_to_choice(doc)
+            gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+            gold = gold[0] if isinstance(gold, list) else gold
+            if isinstance(gold, str):
+                gold = choices.index(gold) if gold in choices else int(gold)
+            return tasklib.gold_choice(int(gold), results[:len(choices)])
+    elif task.OUTPUT_TYPE in ("generate_until", "loglikelihood"):
+        task.OUTPUT_TYPE = "loglikelihood"
+        task.config.output_type = "loglikelihood"
+        task._filters = [build_filter_ensemble("none", [["take_first", None]])]
+
+        def process(doc, results):
+            target = task.doc_to_target(doc)
+            target = target[0] if isinstance(target, list) else target
+            return tasklib.gold_continuation(doc, results, str(target))
+    else:
+        raise EvomergeError(f"{task.config.task}.metric: gold_loglik needs a gold answer; the task's output type is "
+                            f"{task.OUTPUT_TYPE}")
+    from lm_eval.api.metrics import mean
+
+    task.config.process_results = process
+    task.UNSAFE_CODE = False  # nothing the model writes is run: it is read, not executed
+    task._metric_fn_list = {catalog.GOLD: None}
+    task._metric_fn_kwargs = {catalog.GOLD: {}}
+    task._aggregation_list = {catalog.GOLD: mean}
+    task._higher_is_better = {catalog.GOLD: True}
+
+
+def _check_sandboxed(task, spec: catalog.MetricSpec) -> None:
+    """A task that runs generated code is scored only when evomerge's sandbox judges it: its
+    aggregation is tasklib.pass_at_1 itself (never lm-eval's code_eval, which runs it unconfined)."""
+    for name, function in task.aggregation().items():
+        if function is not tasklib.pass_at_1 and getattr(function, "__wrapped__", None) is not tasklib.pass_at_1:
+            raise EvomergeError(
+                f"{task.config.task}: runs generated code (unsafe_code) and its metric {name} is not evomerge's "
+                "sandboxed pass@1; evomerge runs generated code only in its sandbox (README, \"Your own benchmark\")")
+
+
+def _narrow(task, docs) -> None:
+    """The task scores exactly `docs`, in this order (lm-eval reads them through test_docs)."""
+    task.test_docs = lambda: docs  # an instance attribute shadows the method
+    if task.config.test_split is None:
+        task.config.test_split = task.config.validation_split
+    task.task_docs = docs
+
+
+def _item_value(sample: dict, spec: catalog.MetricSpec, aggregate: Aggregate):
+    value = sample[spec.name]
+    if aggregate.per_item is not None:
+        value = aggregate.per_item(value)
+    return float(value) if isinstance(value, (int, float)) else value
 
 
 @contextlib.contextmanager
@@ -297,9 +509,9 @@ def _bars(shown: bool):
         yield
 
 
-def _samples(output: dict, request: TaskRequest) -> list[dict]:
-    """lm-eval's logged samples of one request, in item order (one per item: its filter's)."""
-    logged = [s for s in output["samples"][request.lm_eval_task] if s.get("filter", "none") == request.filter]
+def _samples(output: dict, name: str, spec: catalog.MetricSpec) -> list[dict]:
+    """lm-eval's logged samples of one task, in item order (one per item: the metric's filter's)."""
+    logged = [s for s in output["samples"].get(name, []) if s.get("filter", "none") == spec.filter]
     return sorted(logged, key=lambda s: s["doc_id"])
 
 
@@ -310,18 +522,6 @@ def _position(fraction: float, n: int) -> int:
     if fraction >= 1:
         return n
     return min(n, max(1, round(fraction * n)))
-
-
-def _leaf_tasks(tree) -> list[tuple[str, Any]]:
-    from lm_eval.api.task import Task
-
-    found = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            found.extend(_leaf_tasks(value))
-        elif isinstance(value, Task):
-            found.append((key if isinstance(key, str) else value.config.task, value))
-    return found
 
 
 def _device_of(model) -> torch.device:

@@ -131,7 +131,7 @@ def require_isolation() -> None:
     """Refuses to run generated code without process isolation unless the user opted in."""
     if bubblewrap() is None and os.environ.get(MODE_ENV) != "weak":
         raise EvomergeError(
-            "humaneval: scoring runs generated code, and bubblewrap (process isolation) is not usable here; "
+            "scoring a code task (HumanEval, ...) runs generated code, and bubblewrap (process isolation) is not usable here; "
             f"install it (apt-get install bubblewrap) or set {MODE_ENV}=weak to accept the in-process layers alone")
 
 

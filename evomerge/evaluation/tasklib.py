@@ -1,18 +1,27 @@
-"""What the lm-eval task YAMLs in evomerge/tasks call: datasets, scoring and aggregation.
+"""What task YAMLs may call from evomerge: data helpers, gold log-likelihoods and sandboxed code scoring.
 
-lm-eval imports the YAMLs' `!function utils.*` under a path-derived module name, so the
-functions (and the one piece of state, the token counter) live here, in a normal module,
-and tasks/utils.py only re-exports them.
+lm-eval imports a YAML's `!function utils.*` from the utils.py beside it, under a path-derived
+module name; state the evaluator shares with those functions (the token counter, the sandbox's
+verdicts) lives here, in a normal module, and a task's utils.py imports what it uses from here.
+A task of your own scores generated code through evomerge's sandbox with
+
+    process_results: !function utils.code_generation   # HumanEval-shaped documents
+    metric_list:
+      - metric: pass@1
+        aggregation: !function utils.pass_at_1
+        higher_is_better: true
+
+and a utils.py holding `from evomerge.evaluation.tasklib import code_generation, pass_at_1`.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import re
-from functools import lru_cache
-from typing import Any, Callable
-
-from evomerge.evaluation import data
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 # Set by the evaluator to the model's tokenizer: gold log-likelihoods are per token.
 _token_counter: Callable[[str], int] | None = None
@@ -30,7 +39,7 @@ def set_sandbox_options(**options: Any) -> None:
     _sandbox_options.update(options)
 
 
-def _count_tokens(text: str) -> int:
+def count_tokens(text: str) -> int:
     if _token_counter is None:
         raise RuntimeError("gold log-likelihood needs a token counter; evaluate through evomerge.evaluation")
     return max(1, _token_counter(text))
@@ -39,83 +48,44 @@ def _count_tokens(text: str) -> int:
 # ----------------------------------------------------------------------------- datasets
 
 
-def _dataset(task: str, items: list[dict], fewshot: list[dict]):
-    from datasets import Dataset
-
-    splits = {"test": Dataset.from_list(items)}
-    if fewshot:
-        splits["fewshot"] = Dataset.from_list(fewshot)
-    return splits
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a (gzipped) JSON-lines file."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
-def _items(task: str, **meta: Any) -> list[dict]:
-    split, seed = meta.get("split", "search"), int(meta.get("seed", 0))
-    size = (meta.get("sizes") or {}).get(task)
-    subjects = meta.get("subjects") if task == "mmlu" else None
-    return data.select(task, split, size, seed, subjects=subjects)
+def pool_of(key: str, salt: str, parts: int) -> int:
+    """Which of `parts` pools an item belongs to, fixed by its content (never by a seed)."""
+    from evomerge.evaluation.data import digest
+
+    return digest(salt + key) % parts
 
 
-def gsm8k_dataset(**meta: Any):
-    """The split's items; few-shot exemplars are drawn (lm-eval's seeded sampler) from the training pool."""
-    return _dataset("gsm8k", _items("gsm8k", **meta), list(data.pool("gsm8k", "train")))
+def dataset(splits: dict[str, Iterable[dict]]):
+    """A DatasetDict of the given splits, as a task's `custom_dataset` returns it."""
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({name: Dataset.from_list(list(rows)) for name, rows in splits.items()})
 
 
-MMLU_DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
-MMLU_LETTERS = "ABCD"
+# ----------------------------------------------------------------------------- gold log-likelihood
 
 
-def mmlu_question(doc: dict) -> str:
-    """lm-eval's standard MMLU question text (its `doc_to_text`)."""
-    choices = "".join(f"\n{letter}. {choice}" for letter, choice in zip(MMLU_LETTERS, doc["choices"]))
-    return f"{doc['question'].strip()}{choices}\nAnswer:"
-
-
-@lru_cache(maxsize=None)
-def mmlu_context(subject: str, shots: int) -> str:
-    """What lm-eval puts before an item of `subject` with `shots` exemplars: the subject's
-    description, then its first dev questions, each with its answer letter."""
-    exemplars = [item for item in data.pool("mmlu", "fewshot") if item["subject"] == subject][:shots]
-    if len(exemplars) < shots:
-        raise ValueError(f"mmlu: {subject} has {len(exemplars)} few-shot exemplars, {shots} asked for")
-    text = MMLU_DESCRIPTION.format(subject=subject.replace("_", " "))
-    return text + "".join(f"{mmlu_question(ex)} {MMLU_LETTERS[ex['answer']]}\n\n" for ex in exemplars)
-
-
-def mmlu_dataset(**meta: Any):
-    shots = int((meta.get("fewshot") or {}).get("mmlu", 0))
-    items = [{**item, "mmlu_context": mmlu_context(item["subject"], shots)} for item in _items("mmlu", **meta)]
-    return _dataset("mmlu", items, [])
-
-
-def humaneval_dataset(**meta: Any):
-    return _dataset("humaneval", _items("humaneval", **meta), [])
-
-
-# ----------------------------------------------------------------------------- GSM8K
-
-
-def gold_loglik(doc: dict, results: list, target_field: str) -> dict[str, float]:
+def gold_continuation(doc: dict, results: list, target: str) -> dict[str, float]:
+    """Generation and log-likelihood tasks: the gold continuation's log-probability per token."""
     loglik, _greedy = results[0]
-    return {"gold_loglik": loglik / _count_tokens(doc[target_field])}
+    return {"gold_loglik": loglik / count_tokens(target)}
 
 
-def gsm8k_gold(doc: dict, results: list) -> dict[str, float]:
-    return gold_loglik(doc, results, "answer")
-
-
-# ----------------------------------------------------------------------------- MMLU
-
-
-def mmlu_scores(doc: dict, results: list) -> dict[str, float]:
-    """Accuracy, and the log-probability of the right letter normalised over the four letters."""
+def gold_choice(gold: int, results: list) -> dict[str, float]:
+    """Multiple choice: the log-probability of the gold choice, normalised over the choices."""
     lls = [ll for ll, _ in results]
-    gold = doc["answer"]
     top = max(lls)
-    log_norm = top + math.log(sum(math.exp(ll - top) for ll in lls))
-    return {"acc": float(lls.index(top) == gold), "gold_loglik": lls[gold] - log_norm}
+    return {"gold_loglik": lls[gold] - (top + math.log(sum(math.exp(ll - top) for ll in lls)))}
 
 
-# ----------------------------------------------------------------------------- HumanEval
+# ----------------------------------------------------------------------------- generated code
 
 _FENCE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
 
@@ -141,7 +111,9 @@ def humaneval_job(doc: dict, completion: str):
                entry_point=doc["entry_point"], helpers=doc["prompt"])
 
 
-def humaneval_generation(doc: dict, results: list[str]) -> dict[str, Any]:
+def code_generation(doc: dict, results: list[str]) -> dict[str, Any]:
+    """process_results of a HumanEval-shaped task (fields prompt, test, entry_point): the job the
+    sandbox judges when pass@1 is aggregated."""
     return {"pass@1": humaneval_job(doc, results[0])}
 
 
@@ -156,11 +128,9 @@ def pass_at_1(items: list) -> float:
     return sum(r.passed for r in results) / max(1, len(results))
 
 
-def passed(job: Any) -> bool:
-    """The judge's verdict on a job of the last pass@1 aggregation."""
-    return _verdicts[job]
+def passed(job: Any) -> float:
+    """The judge's verdict on a job of the last pass@1 aggregation, as an item score."""
+    return float(_verdicts[job])
 
 
-def humaneval_gold(doc: dict, results: list) -> dict[str, float]:
-    return gold_loglik(doc, results, "canonical_solution")
-
+pass_at_1.per_item = passed  # type: ignore[attr-defined]  # how the evaluator reads one item's score

@@ -158,6 +158,10 @@ def _heldout_files(heldout: dict[str, Any], items: dict[str, Any] | None, result
         text += ("\n## The winner against each source, on the same items\n\nWinner minus source, with a 95 % "
                  "paired bootstrap interval (items resampled, the same draw for both models); the verdict is "
                  "the interval's: above zero *better*, below *worse*, across zero *no detectable difference*.\n\n")
+        lower = [c for c, up in (heldout.get("higher_is_better") or {}).items() if not up]
+        if lower:
+            text += (f"Lower is better for {', '.join(lower)}: there the difference is source minus winner, so "
+                     "positive still means the winner is better.\n\n")
         names = [*columns, *groups]
         cells = [[source, *(_difference(c[name]) for name in names)] for source, c in comparisons.items()]
         text += markdown_table(["vs", *columns, *(f"combined {m}" for m in groups)], cells)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from functools import lru_cache
 from typing import Any, Callable
 
-from evomerge.evaluation import METRICS, Evaluator
-from evomerge.evaluation.harness import TASKS_DIR
+from evomerge.evaluation import Evaluator
+from evomerge.evaluation.catalog import for_paths
 from evomerge.paths import atomic_write_text, cache_dir
 from evomerge.moe import Candidate
 from evomerge.recipe import Recipe
@@ -35,13 +34,10 @@ def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
             for name, path in sources.items()}
 
 
-@lru_cache(maxsize=None)
-def _tasks_digest() -> str:
-    digest = hashlib.sha256()
-    for file in sorted(TASKS_DIR.iterdir()):
-        if file.suffix in (".yaml", ".py"):
-            digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
+def _tasks_digest(space: SearchSpace, entries: list) -> str:
+    """What the tasks' definitions and data are: their folders' files and local data files."""
+    found = for_paths(space.task_paths)
+    return hashlib.sha256("".join(found.fingerprint(e.task) for e in entries).encode()).hexdigest()
 
 
 def _entries(space: SearchSpace, split: str) -> list:
@@ -63,7 +59,7 @@ def cache_key(space: SearchSpace, recipe: Candidate, device: str, split: str = "
     key = {"recipe": weights.to_yaml(), **({"split": split} if split != "heldout" else {}),
            "entries": [e.model_dump(mode="json") for e in _entries(space, split)],
            "seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size, "device": device,
-           "tasks": _tasks_digest(), "versions": [__version__, lm_eval.__version__, torch.__version__,
+           "tasks": _tasks_digest(space, _entries(space, split)), "versions": [__version__, lm_eval.__version__, torch.__version__,
                                                   transformers.__version__]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -91,15 +87,19 @@ def score_models(space: SearchSpace, load: Callable[[], tuple[Any, Any]], candid
         engine, tokenizer = load()
         if not evaluators:
             evaluators.update({metric: Evaluator(space.task_requests(group), tokenizer, split=split,
-                                                 seed=space.config.seed, batch_size=space.config.batch_size)
+                                                 seed=space.config.seed, batch_size=space.config.batch_size,
+                                                 task_paths=space.task_paths)
                                for metric, group in by_metric.items()})
         model = engine.materialize(recipe, seed=space.config.seed)
-        scored: dict[str, Any] = {"scores": {}, "items": {}}
+        scored: dict[str, Any] = {"scores": {}, "items": {}, "higher_is_better": {}, "aggregation": {}}
         for metric, evaluator in evaluators.items():
             result = evaluator.evaluate(model, per_item=True)
             for task, value in result.scores.items():
-                scored["scores"][f"{task}/{metric}"] = value
-                scored["items"][f"{task}/{metric}"] = result.per_item[task]
+                column = f"{task}/{metric}"
+                scored["scores"][column] = value
+                scored["items"][column] = result.per_item[task]
+                scored["higher_is_better"][column] = evaluator.aggregates[task].higher_is_better
+                scored["aggregation"][column] = evaluator.aggregates[task].name
         atomic_write_text(file, json.dumps(scored))  # never half a cache entry
         found[name] = scored
         log.info("%s %s: %s", split, name, ", ".join(f"{k}={v:.4f}" for k, v in scored["scores"].items()))
@@ -125,8 +125,9 @@ def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], be
     """Scores the winner, the space's `compare:` models and every source (item by item; cached), and
     compares the winner with each on the same items."""
     columns = [f"{e.task}/{e.metric}" for e in space.heldout_entries()]
-    groups = {metric: [c for c in columns if c.endswith("/" + metric)] for metric in METRICS}
-    groups = {metric: cols for metric, cols in groups.items() if cols}
+    groups: dict[str, list[str]] = {}
+    for e in space.heldout_entries():
+        groups.setdefault(e.metric, []).append(f"{e.task}/{e.metric}")
     candidates = {"winner": best_recipe, **space.compare, **source_recipes(space)}
     found = score_models(space, load, candidates, split="heldout", device=device)
     rows: dict[str, Any] = {}
@@ -136,8 +137,13 @@ def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], be
         combined = {metric: sum(scores[c] for c in cols) / len(cols) for metric, cols in groups.items()}
         rows[name] = {"scores": scores, "combined": combined}
         items[name] = scored["items"]
-    comparisons = {name: paired(items["winner"], items[name], groups, seed=space.config.seed)
+    first = found["winner"]
+    higher = first.get("higher_is_better") or {}
+    aggregation = first.get("aggregation") or {}
+    comparisons = {name: paired(items["winner"], items[name], groups, seed=space.config.seed, higher=higher,
+                                aggregation=aggregation)
                    for name in candidates if name != "winner"}
     better = {metric: all(c[metric]["verdict"] == "better" for c in comparisons.values()) for metric in groups}
     return {"split": "heldout", "seed": space.config.seed, "columns": columns, "combined_over": groups,
+            "higher_is_better": higher,
             "rows": rows, "comparisons": comparisons, "winner_better_than_every_source": better, "items": items}

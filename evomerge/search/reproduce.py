@@ -20,7 +20,8 @@ from typing import Any
 import optuna
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.data import items_sha256
+from evomerge.evaluation import task_items
+from evomerge.evaluation.data import docs_sha256
 from evomerge.search import storage as store
 from evomerge.search.space import SearchSpace
 from evomerge.trials import TrialRecord
@@ -45,17 +46,27 @@ def sources_sha256(space: SearchSpace) -> dict[str, str | None]:
     return found
 
 
-def items_record(space: SearchSpace) -> dict[str, dict[str, str]]:
-    """{split: {task/metric: sha256 of its items}} for the search tasks and the held-out entries."""
+def items_record(space: SearchSpace) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, Any]]]:
+    """({split: {task/metric: sha256 of its items}}, {split: {task/metric: which items: the dataset
+    split they come from, the rule that chose them, how many of how many}}) for the search tasks and
+    the held-out entries."""
     seed = space.config.seed
     splits = {"search": space.config.tasks, "heldout": space.heldout_entries()}
-    return {split: {f"{e.task}/{e.metric}": items_sha256(e.task, split, e.size, seed, getattr(e, "subjects", None))
-                    for e in entries} for split, entries in splits.items()}
+    digests: dict[str, dict[str, str]] = {}
+    described: dict[str, dict[str, Any]] = {}
+    for split, entries in splits.items():
+        for e in entries:
+            items, records = task_items(e.task, split, e.size, seed, e.subjects, space.task_paths)
+            digests.setdefault(split, {})[f"{e.task}/{e.metric}"] = docs_sha256(items)
+            described.setdefault(split, {})[f"{e.task}/{e.metric}"] = (
+                next(iter(records.values())) if len(records) == 1 else records)
+    return digests, described
 
 
 def record(space: SearchSpace, *, threads: int, device: str) -> dict[str, Any]:
+    digests, described = items_record(space)
     return {"space": space.config.model_dump(mode="json"), "seed": space.config.seed, "threads": threads,
-            "device": device, "sources_sha256": sources_sha256(space), "items_sha256": items_record(space)}
+            "device": device, "sources_sha256": sources_sha256(space), "items_sha256": digests, "items": described}
 
 
 def _trials(study: optuna.Study) -> dict[int, TrialRecord]:
@@ -105,7 +116,7 @@ def reproduce(results_dir: str | Path, *, device: str | None = None, threads: in
     space = SearchSpace.from_dict(saved["space"])
     original = _trials(study)
 
-    checks = {"sources_sha256": sources_sha256(space), "items_sha256": items_record(space)}
+    checks = {"sources_sha256": sources_sha256(space), "items_sha256": items_record(space)[0]}
     changed = [key for key in checks if checks[key] != saved.get(key)]
     for key in changed:
         log.warning("%s differ from the record: %s vs %s", key, checks[key], saved.get(key))

@@ -173,7 +173,10 @@ class Searcher:
         vocabulary = self.engine.vocabulary
         tokenizer = vocabulary.tokenizer if vocabulary else self.engine.sources[self.engine.reference].tokenizer()
         self.evaluator = Evaluator(self.space.task_requests(), tokenizer, split="search", seed=config.seed,
-                                   batch_size=config.batch_size)
+                                   batch_size=config.batch_size, task_paths=self.space.task_paths)
+        for task, split in self.evaluator.public_test_items():
+            log.warning("%s: the search scores items of this public benchmark's %s split; held-out scores on "
+                        "another split stay honest, but a score on %s is no longer a clean test score", task, split, split)
 
     # ------------------------------------------------------------------ one trial
 
@@ -211,7 +214,7 @@ class Searcher:
             if trial.should_prune():
                 record.write(trial, seconds=round(time.perf_counter() - started, 2))
                 raise optuna.TrialPruned(f"first rung {first_value:.4f} below the {config.pruning.quantile:.0%} quantile")
-            scores = Scores.combine(first, self._score(model, part=(rung, 1.0))).scores
+            scores = self.evaluator.combine(first, self._score(model, part=(rung, 1.0))).scores
         else:
             scores = self._score(model).scores
         record.write(trial, scores=scores, merge_seconds=round(merge_seconds, 3),

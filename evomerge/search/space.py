@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.demo.family import is_member_ref, member_path
 from evomerge.errors import EvomergeError, SpaceError
-from evomerge.evaluation import METRICS, TASKS, TaskRequest, runs_generated_code
+from evomerge.evaluation import ACCURACY, GOLD, TaskRequest, runs_generated_code
+from evomerge.evaluation.catalog import TaskError, for_paths
 from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
 from evomerge.moe import GATE_MODES, PROMPTED, MoEConfig
@@ -57,13 +58,13 @@ class Range(_Strict):
         return self
 
 
-Task = Literal[TASKS]  # the evaluator's own lists: one home for the names
-Metric = Literal[METRICS]
-
-
 class TaskEntry(_Strict):
-    task: Task
-    metric: Metric = "gold_loglik"
+    """A task the search scores: any lm-eval task (evomerge.evaluation.catalog); metric accuracy (the
+    task's first metric), gold_loglik, or any metric the task declares, read through `filter`."""
+
+    task: str = Field(min_length=1)
+    metric: str = GOLD
+    filter: Optional[str] = None
     weight: float = 1.0
     size: int = Field(32, ge=1)
     num_fewshot: int = Field(0, ge=0)
@@ -72,11 +73,13 @@ class TaskEntry(_Strict):
 
 
 class HeldoutEntry(_Strict):
-    task: Task
-    metric: Metric = "accuracy"
+    task: str = Field(min_length=1)
+    metric: str = ACCURACY
+    filter: Optional[str] = None
     size: int = Field(32, ge=1)
     num_fewshot: int = Field(0, ge=0)
     max_gen_toks: Optional[int] = Field(None, ge=1)
+    subjects: Optional[list[str]] = None
 
 
 class Stacking(_Strict):
@@ -203,6 +206,8 @@ class SpaceConfig(_Strict):
     stacking: Optional[Stacking] = None
     tasks: list[TaskEntry] = Field(min_length=1)
     heldout: Optional[list[HeldoutEntry]] = None
+    # Folders of lm-eval task YAMLs (relative to this file), searched before the built-ins and lm-eval's own.
+    task_paths: list[str] = Field(default_factory=list)
     objective: Literal["weighted_sum", "multi"] = "weighted_sum"
     sampler: Literal["cmaes", "tpe", "random", "nsga2", "greedy_soup", "uniform_soup"] = "cmaes"
     n_trials: Optional[int] = Field(None, ge=1)
@@ -356,6 +361,8 @@ class SearchSpace:
             raise SpaceError(f"{self._where}{exc}") from None
         self.moe_recipes = self._moe_recipes() if config.moe else {}
         self.compare = self._compare(here)
+        self.task_paths = tuple(str((here / p).expanduser().resolve()) for p in config.task_paths)
+        self.higher_is_better = self._check_tasks()
         self.name = config.name or (source.stem if source else "study")
         self.uses_demo_family = any(map(is_member_ref, self.portable_refs.values()))
         for method in ([] if config.moe else config.methods):
@@ -407,6 +414,32 @@ class SearchSpace:
             recipes[entry.name] = recipe.with_models(names)
         return recipes
 
+    def _check_tasks(self) -> dict[str, bool]:
+        """Every task entry names a task and a metric it has (read from the task YAMLs, no data
+        loaded); returns whether higher is better for each search task's metric."""
+        try:
+            found = for_paths(self.task_paths)
+        except EvomergeError as exc:
+            raise SpaceError(f"{self._where}task_paths: {exc}") from None
+        higher = {}
+        for key, entries in (("tasks", self.config.tasks), ("heldout", self.config.heldout or [])):
+            for i, entry in enumerate(entries):
+                try:
+                    spec = found.metric(entry.task, entry.metric, entry.filter)
+                    most = found.max_fewshot(entry.task)
+                    if not spec.gold:
+                        found.check_code(entry.task)
+                except TaskError as exc:
+                    raise SpaceError(f"{self._where}{key}.{i}.{exc.field}: {exc.detail}") from None
+                except EvomergeError as exc:
+                    raise SpaceError(f"{self._where}{key}.{i}: {exc}") from None
+                if most is not None and entry.num_fewshot > most:
+                    raise SpaceError(f"{self._where}{key}.{i}.num_fewshot: {entry.task} takes at most {most} "
+                                     f"exemplars, got {entry.num_fewshot}")
+                if key == "tasks":
+                    higher[entry.task] = spec.higher_is_better
+        return higher
+
     @property
     def _where(self) -> str:
         return f"{self.source}: " if self.source else ""
@@ -456,7 +489,7 @@ class SearchSpace:
     def runs_generated_code(self, heldout: bool = True) -> bool:
         """Whether scoring executes what the model writes (HumanEval accuracy)."""
         entries = [*self.config.tasks, *(self.heldout_entries() if heldout else [])]
-        return any(runs_generated_code(e.task, e.metric) for e in entries)
+        return any(runs_generated_code(e.task, e.metric, self.task_paths) for e in entries)
 
     @property
     def objectives(self) -> int:
@@ -466,16 +499,19 @@ class SearchSpace:
     def task_requests(self, entries: list[TaskEntry | HeldoutEntry] | None = None) -> list[TaskRequest]:
         """What the evaluator scores: the search tasks, or the given (held-out) entries."""
         return [TaskRequest(t.task, t.metric, size=t.size, num_fewshot=t.num_fewshot,
-                            subjects=tuple(t.subjects) if getattr(t, "subjects", None) else None,
-                            max_gen_toks=t.max_gen_toks)
+                            subjects=tuple(t.subjects) if t.subjects else None, max_gen_toks=t.max_gen_toks,
+                            filter=t.filter)
                 for t in (entries if entries is not None else self.config.tasks)]
 
     def objective(self, scores: dict[str, float]) -> float | list[float]:
-        """A trial's value: the per-task scores (objective: multi) or their weighted mean."""
+        """A trial's value (maximised): the per-task scores (objective: multi) or their weighted mean; a
+        lower-is-better metric (perplexity) enters negated, so that maximising it minimises the metric."""
         tasks = self.config.tasks
+        signed = {t.task: scores[t.task] if self.higher_is_better.get(t.task, True) else -scores[t.task]
+                  for t in tasks}
         if self.config.objective == "multi":
-            return [scores[t.task] for t in tasks]
-        return sum(t.weight * scores[t.task] for t in tasks) / sum(t.weight for t in tasks)
+            return [signed[t.task] for t in tasks]
+        return sum(t.weight * signed[t.task] for t in tasks) / sum(t.weight for t in tasks)
 
     def _range(self, param: Param, method: str) -> tuple[float, float, bool]:
         """The user's range for this method's parameter, else for the parameter, else the method's own."""
