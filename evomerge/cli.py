@@ -137,11 +137,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         args.space, count = count, "3"  # `--dry-run SPACE.yaml`: the file, not a count
     if args.space is None:
         raise EvomergeError("search: give the search space file (SPACE.yaml)")
-    space = SearchSpace.load(args.space)
-    extra_paths = [os.path.abspath(p) for p in args.include_path]
-    space = space.with_settings(
-        sampler=args.sampler, placement=args.placement, device_memory=args.device_memory, host_memory=args.host_memory,
-        task_paths=[*space.config.task_paths, *extra_paths] if extra_paths else None)
+    space = SearchSpace.load(args.space, task_paths=[os.path.abspath(p) for p in args.include_path]).with_settings(
+        sampler=args.sampler, placement=args.placement, device_memory=args.device_memory, host_memory=args.host_memory)
     if count is not None:
         from evomerge.search import memory_plan
 

@@ -239,6 +239,10 @@ def test_search_writes_every_output_and_resumes(tiny_family, tmp_path, monkeypat
         assert found == paired(items["winner"], items[source], heldout["combined_over"], seed=0)
         assert all(f["verdict"] in VERDICTS for f in found.values())
     assert "paired bootstrap interval" in (results / "heldout.md").read_text()
+    # MMLU's search items are questions of its public test split: said once, naming task and split
+    log = (results / "search.log").read_text()
+    assert log.count("mmlu: the search scores items of this public benchmark's test split") == 1
+    assert "gsm8k: the search scores" not in log  # GSM8K searches on its training split
     # Every source's search-split scores, scored as trials are: the plots' reference lines.
     references = summary["sources_search"]
     assert set(references) == {"base", "math", "code", "know"}

@@ -294,7 +294,7 @@ def test_a_malformed_task_names_the_file_and_field(text, message, tmp_path, tiny
 def test_lm_evals_unconfined_code_tasks_are_refused_by_name(tiny_family, capsys):
     """lm-eval's mbpp runs programs with code_eval, unconfined: evomerge refuses it before loading it."""
     err = _eval_error(capsys, tiny_family["base"], "--tasks", "mbpp")
-    assert "mbpp: its metric runs generated code unconfined" in err
+    assert "mbpp: scoring it runs generated code outside evomerge's sandbox (pass_at_1 aggregated by mean)" in err
 
 
 # ----------------------------------------------------------------------------- lm-eval's registry
@@ -399,3 +399,81 @@ def test_the_readmes_own_benchmark_runs_as_written(tiny_family, tmp_path):
         json.dumps({"question": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)}) + "\n" for a in range(12)))
     report = evomerge_eval(tiny_family["base"], folder, "quiz", tmp_path / "ours.json", "--limit", "4")
     assert report["n_items"] == {"quiz": 4} and 0 <= report["scores"]["quiz"] <= 1
+
+
+CODE_TASK = """\
+task: my_code
+dataset_path: json
+dataset_kwargs: {data_files: {test: data/code.jsonl}}
+unsafe_code: true
+output_type: generate_until
+test_split: test
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{canonical_solution}}"
+generation_kwargs: {until: ["\\ndef"], max_gen_toks: 24, do_sample: false}
+process_results: !function utils.code_generation
+metric_list:
+  - metric: pass@1
+    aggregation: !function utils.AGGREGATION
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+OWN_UTILS = "from evomerge.evaluation.tasklib import code_generation, pass_at_1\n"
+FORGED_UTILS = "from evomerge.evaluation.tasklib import code_generation\ndef pass_at_1(items):\n    return 1.0\n"
+
+
+@pytest.mark.parametrize("aggregation,utils,sandboxed,message", [
+    ("pass_at_1", OWN_UTILS, True, None),
+    ("my_own_pass_at_1", OWN_UTILS + "def my_own_pass_at_1(items):\n    return 0.0\n", False,
+     "my_code: scoring it runs generated code outside evomerge's sandbox \\(pass@1 aggregated by utils.my_own_pass_at_1\\)"),
+    ("pass_at_1", FORGED_UTILS, False, "my_code: runs generated code \\(unsafe_code\\) and its metric pass@1 is not evomerge's"),
+], ids=["sandboxed", "own-aggregation", "same-name-not-ours"])
+def test_a_code_task_of_ones_own_is_judged_by_the_sandbox_only(aggregation, utils, sandboxed, message, tmp_path,
+                                                               tiny_family, tokenizer):
+    """A HumanEval-shaped task of the user's scores pass@1 through evomerge's sandbox (the judge's
+    verdicts, item by item); the same task aggregated by its own function, which could run the
+    program anywhere, is refused by name before anything is generated."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.evaluation import tasklib
+    from evomerge.evaluation.sandbox import bubblewrap
+
+    if sandboxed and bubblewrap() is None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("bubblewrap is missing: CI scores generated code under kernel isolation", pytrace=False)
+        pytest.skip("needs bubblewrap (apt-get install bubblewrap); CI installs it")
+    folder = tmp_path / "code_tasks"
+    (folder / "data").mkdir(parents=True)
+    (folder / "code.yaml").write_text(CODE_TASK.replace("AGGREGATION", aggregation))
+    (folder / "utils.py").write_text(utils)
+    rows = [{"task_id": f"t{i}", "entry_point": f"add{i}", "canonical_solution": f"    return a + b + {i}\n",
+             "prompt": f"def add{i}(a, b):\n    \"\"\"a + b + {i}\"\"\"\n",
+             "test": f"def check(candidate):\n    assert candidate(1, 2) == {3 + i}\n"} for i in range(4)]
+    (folder / "data" / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = AutoModelForCausalLM.from_pretrained(tiny_family["base"]).eval()
+    if not sandboxed:
+        with pytest.raises(EvomergeError, match=message):
+            Evaluator([TaskRequest("my_code", "accuracy")], tokenizer, task_paths=[folder], split="all")
+        return
+    evaluator = Evaluator([TaskRequest("my_code", "accuracy")], tokenizer, task_paths=[folder], split="all")
+    scores = evaluator.evaluate(model, per_item=True)
+    jobs = [sample["pass@1"] for sample in scores.samples["my_code"]]
+    assert len(jobs) == 4 and all(job in tasklib._verdicts for job in jobs)  # judged by the sandbox
+    assert scores.per_item["my_code"] == [float(tasklib._verdicts[job]) for job in jobs]
+    assert scores.scores["my_code"] == sum(scores.per_item["my_code"]) / 4
+
+
+def test_search_takes_include_path_like_eval(task_dir, tiny_family, tmp_path, capsys):
+    from evomerge.cli import main
+
+    space = {"name": "inc", "base_model": tiny_family["base"], "models": [tiny_family["ft_math"], tiny_family["ft_code"]],
+             "tasks": [{"task": "quiz_gen", "metric": "gold_loglik", "size": 4}], "n_trials": 2,
+             "results_dir": str(tmp_path / "results")}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    assert main(["search", str(tmp_path / "space.yaml"), "--dry-run", "1"]) == 2
+    assert "tasks.0.task: unknown task 'quiz_gen'" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "space.yaml"), "--include-path", str(task_dir), "--dry-run", "1"]) == 0
+    assert "# candidate 0 (task_arithmetic)" in capsys.readouterr().out

@@ -24,6 +24,7 @@ evomerge reads an optional `metadata: evomerge:` block in a task YAML (lm-eval i
         max_fewshot: <n>          # the most exemplars a prompt can take
         filter: <filter name>     # the filter `accuracy` reads (default: the task's first)
         exemplars_in_items: true  # the dataset puts num_fewshot exemplars in each item itself
+        public_split: test        # the search's own split is drawn from this public split (a warning)
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ GOLD = "gold_loglik"  # evomerge's teacher-forced metric: mean per-token log-pro
 ACCURACY = "accuracy"  # the task's first metric, read through its default filter
 # Metrics that run what the model writes; evomerge scores them only through its sandbox.
 CODE_METRICS = ("pass@1", "pass@k", "pass_at_1", "pass_at_k", "code_eval")
-RULE_KEYS = ("search", "heldout", "key", "subset_field", "max_fewshot", "filter", "exemplars_in_items")
+RULE_KEYS = ("search", "heldout", "key", "subset_field", "max_fewshot", "filter", "exemplars_in_items",
+             "public_split")
 _LINE = re.compile(r"""^["']?(task|group)["']?\s*:\s*["']?([^"'\s#\[][^"'#]*?)["']?\s*(?:#.*)?$""", re.MULTILINE)
 
 
@@ -141,7 +143,7 @@ class TaskCatalog:
     """The tasks reachable from some folders (plus the built-ins and lm-eval's registry)."""
 
     def __init__(self, paths: Sequence[str | Path] = ()):
-        self.paths = tuple(Path(p).expanduser().resolve() for p in paths)
+        self.paths = tuple(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
         for path in self.paths:
             if not path.is_dir():
                 raise EvomergeError(f"task_paths: {path} is not a folder of task YAMLs")
@@ -275,10 +277,12 @@ class TaskCatalog:
             unsafe = bool(config.get("unsafe_code")) or any(
                 metric_name(e) in CODE_METRICS for e in _metric_entries(config))
             if unsafe and not is_sandboxed(config):
+                used = ", ".join(f"{metric_name(e)} aggregated by {str(e.get('aggregation', 'default')).rpartition('/')[2]}"
+                                 for e in _metric_entries(config))
                 raise EvomergeError(
-                    f"{leaf}: its metric runs generated code unconfined (lm-eval's code_eval); evomerge runs "
-                    "generated code only in its sandbox: score it with evomerge's built-in humaneval, or give "
-                    "the task evomerge's sandboxed pass@1 (README, \"Your own benchmark\")")
+                    f"{leaf}: scoring it runs generated code outside evomerge's sandbox ({used}); evomerge runs "
+                    "generated code only in its sandbox: use the built-in humaneval, or score the task with "
+                    "evomerge's sandboxed pass@1 (README, \"Your own benchmark\")")
             runs = runs or unsafe
         return runs
 
@@ -456,7 +460,7 @@ _CATALOGS: dict[tuple[Path, ...], TaskCatalog] = {}
 
 def for_paths(paths: Sequence[str | Path] = ()) -> TaskCatalog:
     """The catalog of these folders, built once per process."""
-    key = tuple(Path(p).expanduser().resolve() for p in paths)
+    key = tuple(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
     if key not in _CATALOGS:
         _CATALOGS[key] = TaskCatalog(key)
     return _CATALOGS[key]

@@ -324,9 +324,11 @@ class Evaluator:
             if self.catalog.info(task).source == "task_paths":
                 continue
             for leaf, record in records.items():
-                test = self.tasks[leaf].config.test_split
-                if record["from"] == test and test and "test" in str(test):
-                    found.append((task, str(test)))
+                task_obj = self.tasks[leaf]
+                test = task_obj.config.test_split
+                public = _leaf_rules(task_obj, task, self.catalog.info(task)).get("public_split")
+                if public or (record["from"] == test and test and "test" in str(test)):
+                    found.append((task, str(public or test)))
                     break
         return found
 

@@ -153,6 +153,8 @@ def _run_local_workers(job: SearchJob, searcher: Searcher) -> tuple[optuna.Study
                         ("--threads", threads)):
         if value is not None:
             command += [flag, str(value)]
+    for folder in job.space.task_paths:  # --include-path folders given to this command reach the workers too
+        command += ["--include-path", folder]
     processes = [subprocess.Popen(command, env={**worker_environment(i, job.workers, gpus),
                                                 store.STORAGE_ENV: searcher.storage_url}) for i in range(job.workers)]
     log.info("started %d workers on study '%s' (%s)", job.workers, searcher.study_name, store.shown(searcher.storage_url))

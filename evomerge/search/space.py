@@ -198,7 +198,7 @@ class SpaceConfig(_Strict):
     name: Optional[str] = None
     models: list[Union[str, ModelEntry]] = Field(min_length=1)
     base_model: Optional[str] = None
-    methods: Union[str, list[str]] = "task_arithmetic"
+    methods: Union[str, list[str]] = Field("task_arithmetic", validate_default=True)  # one or a list
     # Search ranges by parameter (`density`) or for one method's parameter (`nearswap.t`).
     parameters: dict[str, Range] = Field(default_factory=dict)
     layer_schedule: int = Field(1, ge=1, le=16)  # control points per parameter (1 = one global value)
@@ -447,7 +447,8 @@ class SearchSpace:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SearchSpace":
+    def load(cls, path: str | os.PathLike, *, task_paths: list[str] | None = None) -> "SearchSpace":
+        """space.yaml; `task_paths` (e.g. --include-path, absolute) are searched after the file's own."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -455,6 +456,8 @@ class SearchSpace:
             raise SpaceError(f"{path}: cannot read: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             raise SpaceError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if task_paths and isinstance(data, dict):
+            data = {**data, "task_paths": [*(data.get("task_paths") or []), *task_paths]}
         return cls.from_dict(data, source=path)
 
     @classmethod
