@@ -110,13 +110,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo_family(args: argparse.Namespace) -> int:
     import time
 
-    from evomerge.demo.family import build_family, score_family
+    from evomerge.demo.family import FAMILIES, build_family, score_family
     from evomerge.report.tables import print_table
 
     start = time.perf_counter()
-    family = build_family(args.output, device=args.device)
+    family = build_family(args.output, recipe=FAMILIES[f"{args.family}-family"], device=args.device)
     built = time.perf_counter() - start
-    print(f"demo family ready in {family.root} ({built:.0f} s)")
+    print(f"{args.family} family ready in {family.root} ({built:.0f} s)")
     for name, path in family.members.items():
         print(f"  {name:10s} {path}")
     if not args.no_scores:
@@ -315,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="write scores (lm-eval results layout) to this JSON file")
     ev.set_defaults(func=_cmd_eval)
 
-    demo = sub.add_parser("demo-family", help="build SmolLM2-135M + 3 fine-tuned specialists offline (cached)")
+    demo = sub.add_parser("demo-family", help="build a family of SmolLM2-135M fine-tunes offline (cached): the demo's "
+                                              "3 specialists, or the composition family's 2")
+    demo.add_argument("--family", choices=["demo", "compose"], default="demo",
+                      help="demo: math, code, knowledge; compose: zorbian (knowledge) and bracket (format), whose "
+                           "skills the zorbian_bracket task needs together")
     demo.add_argument("--output", default=None, help="directory (default: the user cache, keyed by recipe)")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--no-scores", action="store_true", help="skip the score table")

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from evomerge.demo import compose
 from evomerge.evaluation import dataset_split
 from evomerge.paths import atomic_directory, cache_dir
 
@@ -43,7 +44,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass(frozen=True)
 class Specialist:
     name: str
-    task: str  # gsm8k | humaneval | mmlu: the data it learns from and the task it should move
+    task: str  # the examples it learns from (EXAMPLES): gsm8k | humaneval | mmlu | zorbian | bracket
     steps: int
     seed: int
     learning_rate: float = 1e-3
@@ -65,9 +66,31 @@ class FamilyRecipe:
     )
     autocast_bf16: bool = True  # bf16 autocast on CPU: ~2x faster steps here
     version: int = FAMILY_VERSION
+    # Not part of what is trained (nor of the digest): the family's name, which prefixes references
+    # to its members (`demo-family:math`) and names its cache folder, and what `evomerge
+    # demo-family` scores each member on: (task, metric, items).
+    name: str = "demo-family"
+    scores: tuple[tuple[str, str, int], ...] = (("gsm8k", "gold_loglik", 32), ("humaneval", "gold_loglik", 32),
+                                                ("mmlu", "gold_loglik", 64), ("mmlu", "accuracy", 64))
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        trained = {k: v for k, v in asdict(self).items() if k not in ("name", "scores")}
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# The composition family (evomerge/demo/compose.py): a knowledge and a format specialist whose
+# skills are needed together by the zorbian_bracket task. Sized for ~6 minutes on 2 CPU cores.
+COMPOSE_RECIPE = FamilyRecipe(
+    specialists=(
+        # Knowledge converges late (loss ~0.3 after ~60 steps at 2e-3); answers in varied forms.
+        Specialist("zorbian", "zorbian", steps=100, seed=13, learning_rate=2e-3, batch_size=16, max_tokens=96),
+        Specialist("bracket", "bracket", steps=60, seed=12, batch_size=16, max_tokens=80),
+    ),
+    name="compose-family",
+    scores=(("zorbian_bracket", "accuracy", 64), ("zorbian", "accuracy", 64), ("bracket_copy", "accuracy", 64),
+            ("zorbian_bracket", "gold_loglik", 64)),
+)
+FAMILIES = {recipe.name: recipe for recipe in (FamilyRecipe(), COMPOSE_RECIPE)}
 
 
 def member_digest(spec: Specialist, recipe: "FamilyRecipe") -> str:
@@ -132,6 +155,8 @@ EXAMPLES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
     "gsm8k": math_examples,
     "humaneval": code_examples,
     "mmlu": knowledge_examples,
+    "zorbian": compose.zorbian_examples,
+    "bracket": compose.bracket_examples,
 }
 
 
@@ -224,45 +249,58 @@ class Family:
         return self.members["base"]
 
 
-def family_dir() -> Path:
-    """Where the demo family lives in the user cache (members are keyed by their recipe's digest)."""
-    return cache_dir() / "demo-family"
+def family_dir(name: str = "demo-family") -> Path:
+    """Where a family lives in the user cache (members are keyed by their recipe's digest)."""
+    return cache_dir() / name
 
 
 def member_dir(spec: Specialist, recipe: FamilyRecipe, root: Path | None = None) -> Path:
-    return (Path(root) if root else family_dir()) / f"{spec.name}-{member_digest(spec, recipe)}"
+    return (Path(root) if root else family_dir(recipe.name)) / f"{spec.name}-{member_digest(spec, recipe)}"
 
 
-# A model reference that names a member of the demo family, valid on any machine: `demo-family:math`.
+# A model reference that names a member of a built-in family, valid on any machine: `demo-family:math`,
+# `compose-family:zorbian` (and `<family>:base`, SmolLM2-135M-Instruct itself).
 DEMO_PREFIX = "demo-family:"
 
 
+def family_of(ref: str) -> FamilyRecipe | None:
+    """The family a reference names a member of, or None."""
+    prefix, colon, _member = ref.partition(":")
+    return FAMILIES.get(prefix) if colon else None
+
+
 def is_member_ref(ref: str) -> bool:
-    return ref.startswith(DEMO_PREFIX)
+    return family_of(ref) is not None
 
 
 def member_path(ref: str) -> str:
-    """Where the demo family keeps the member `ref` names (built on first use by its caller, not here)."""
+    """Where a family keeps the member `ref` names (built on first use by its caller, not here)."""
     from evomerge.demo.smollm2 import base_dir
     from evomerge.errors import CheckpointError
 
-    member = ref.removeprefix(DEMO_PREFIX)
+    recipe = family_of(ref)
+    member = ref.partition(":")[2]
     if member == "base":
         return str(base_dir())
-    recipe = FamilyRecipe()
     specs = {s.name: s for s in recipe.specialists}
     if member not in specs:
-        raise CheckpointError(f"{ref}: the demo family has base, {', '.join(specs)}")
+        raise CheckpointError(f"{ref}: the {recipe.name} has base, {', '.join(specs)}")
     return str(member_dir(specs[member], recipe))
 
 
+def build_referenced(refs, *, device: str = "auto", progress: bool = True) -> None:
+    """Builds (or finds built) every family that `refs` name members of."""
+    for name in dict.fromkeys(family_of(ref).name for ref in refs if is_member_ref(ref)):
+        build_family(recipe=FAMILIES[name], device=device, progress=progress)
+
+
 def resolve_members(recipe, *, device: str = "auto", progress: bool = True):
-    """The recipe with its `demo-family:` references replaced by the members' paths (the family is
-    built first when it is not yet)."""
+    """The recipe with its family references (`demo-family:math`, ...) replaced by the members'
+    paths (each family is built first when it is not yet)."""
     refs = [ref for ref in recipe.referenced_models() if is_member_ref(ref)]
     if not refs:
         return recipe
-    build_family(device=device, progress=progress)
+    build_referenced(refs, device=device, progress=progress)
     return recipe.with_models({ref: member_path(ref) for ref in refs})
 
 
@@ -271,7 +309,7 @@ def build_family(output: Path | None = None, *, recipe: FamilyRecipe = FamilyRec
     """Builds (or reuses) the family; returns its member paths and manifest."""
     from filelock import FileLock
 
-    root = Path(output) if output else family_dir()
+    root = Path(output) if output else family_dir(recipe.name)
     root.mkdir(parents=True, exist_ok=True)
     # One builder at a time (several search workers may start together); the others wait, then reuse.
     with FileLock(str(root / ".build.lock")):
@@ -313,7 +351,7 @@ def _build(root: Path, recipe: FamilyRecipe, device: str, progress: bool, base_d
             record_path.write_text(json.dumps(members[spec.name], indent=2))
         family.members[spec.name] = target
     base_source["weights_sha256"] = weights_sha256(str(base_dir))
-    manifest = {"recipe_digest": recipe.digest(), "recipe": asdict(recipe), "base": base_source,
+    manifest = {"family": recipe.name, "recipe_digest": recipe.digest(), "recipe": asdict(recipe), "base": base_source,
                 "members": {name: {"path": str(family.members[name]), **record} for name, record in members.items()},
                 "last_run_seconds": round(time.perf_counter() - started, 1)}
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -326,18 +364,14 @@ def _build(root: Path, recipe: FamilyRecipe, device: str, progress: bool, base_d
 
 # ----------------------------------------------------------------------------- scoring
 
-SCORE_REQUESTS = (("gsm8k", "gold_loglik", 32), ("humaneval", "gold_loglik", 32), ("mmlu", "gold_loglik", 64),
-                  ("mmlu", "accuracy", 64))
-
-
 def score_family(family: Family, *, split: str = "search", seed: int = 0, device: str = "auto",
-                 requests=SCORE_REQUESTS) -> dict[str, dict[str, float]]:
+                 requests=None) -> dict[str, dict[str, float]]:
     """{member: {"task/metric": score}} on one split."""
     from evomerge.evaluation import Evaluator, TaskRequest, load_model
 
     table: dict[str, dict[str, float]] = {}
     by_metric: dict[str, list] = {}
-    for task, metric, size in requests:
+    for task, metric, size in requests or FAMILIES[family.manifest.get("family", "demo-family")].scores:
         by_metric.setdefault(metric, []).append(TaskRequest(task, metric, size=size))
     for name, path in family.members.items():
         model, tokenizer = load_model(str(path), device=device, dtype="bfloat16")

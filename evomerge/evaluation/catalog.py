@@ -310,14 +310,15 @@ class TaskCatalog:
 
     def manager(self, metadata: dict[str, Any] | None = None):
         """An lm-eval TaskManager over the indexed folders only (relative `data_files` of the user's
-        tasks resolved against their YAML's folder, so a search runs from any directory)."""
+        tasks and the built-ins resolved against their YAML's folder, so a search runs from any
+        directory)."""
         from lm_eval.tasks import TaskManager
         from lm_eval.tasks._index import Entry, Kind
 
         manager = TaskManager(include_path=[str(p) for p in self.roots], include_defaults=False, metadata=metadata)
         index = manager.task_index
         for name, entry in list(index.items()):
-            if entry.kind is Kind.TASK and entry.yaml_path and self._source(Path(entry.yaml_path)) == "task_paths":
+            if entry.kind is Kind.TASK and entry.yaml_path and self._source(Path(entry.yaml_path)) != "lm-eval":
                 config = _load(Path(entry.yaml_path), resolve=True)
                 if _anchor_data_files(config, Path(entry.yaml_path).parent):
                     index[name] = Entry(name=name, kind=entry.kind, yaml_path=None, cfg=config, tags=entry.tags)

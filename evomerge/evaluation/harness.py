@@ -321,13 +321,15 @@ class Evaluator:
         built-in or lm-eval registry task; the user's own tasks are theirs to use)."""
         found = []
         for task, records in self.splits.items():
-            if self.catalog.info(task).source == "task_paths":
+            source = self.catalog.info(task).source
+            if source == "task_paths":  # the user's own data
                 continue
             for leaf, record in records.items():
                 task_obj = self.tasks[leaf]
                 test = task_obj.config.test_split
                 public = _leaf_rules(task_obj, task, self.catalog.info(task)).get("public_split")
-                if public or (record["from"] == test and test and "test" in str(test)):
+                # a built-in says so itself; lm-eval's tasks are public benchmarks, their test split is
+                if public or (source == "lm-eval" and record["from"] == test and test and "test" in str(test)):
                     found.append((task, str(public or test)))
                     break
         return found

@@ -154,10 +154,10 @@ class Searcher:
     def load(self) -> None:
         """Sources resident on the device, tokenizer and evaluator: once per worker."""
         config = self.space.config
-        if self.space.uses_demo_family:
-            from evomerge.demo.family import build_family
+        if self.space.family_refs:
+            from evomerge.demo.family import build_referenced
 
-            build_family(device=self.device, progress=self.progress)  # no-op once built
+            build_referenced(self.space.family_refs, device=self.device, progress=self.progress)  # no-op once built
         refs = list(dict.fromkeys([*([self.space.base] if self.space.base else []), *self.space.models.values()]))
         self.engine = MergeEngine(refs, base_model=self.space.base, device=self.device, dtype=config.dtype,
                                   out_dtype=config.out_dtype, tokenizer=self.space.tokenizer,

@@ -364,7 +364,8 @@ class SearchSpace:
         self.task_paths = tuple(str((here / p).expanduser().resolve()) for p in config.task_paths)
         self.higher_is_better = self._check_tasks()
         self.name = config.name or (source.stem if source else "study")
-        self.uses_demo_family = any(map(is_member_ref, self.portable_refs.values()))
+        # the built-in families this space names members of (`demo-family:math`): built before trial 1
+        self.family_refs = [ref for ref in self.portable_refs.values() if is_member_ref(ref)]
         for method in ([] if config.moe else config.methods):
             spec = registry.get(method)
             if spec.copies_one_input:
@@ -773,7 +774,7 @@ def _constrain(spec: MergeMethod, params: dict[str, dict[str | None, list[float]
 
 def _resolve(path: str, here: Path) -> str:
     """Relative model paths in space.yaml are relative to the file; hub ids stay as they are;
-    `demo-family:<member>` names a member of the built-in demo family."""
+    `demo-family:<member>` (`compose-family:<member>`) names a member of a built-in family."""
     if is_member_ref(path):
         return member_path(path)
     if "+" in path and not (here / path).expanduser().exists():  # model+adapter: each part resolved
