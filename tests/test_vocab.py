@@ -5,6 +5,8 @@ fine-tunes add a pad token and tool tokens), so each source lacks some output to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -191,15 +193,29 @@ def test_a_search_over_a_family_with_different_vocab_sizes(vocab_family, tmp_pat
                         {"name": "chat_b", "path": f["chat_b"]}],
              "tokenizer": {"source": "union", "tokens": {"<tool>": {"source": "chat_a", "force": True}}},
              "tasks": [{"task": "mmlu", "metric": "gold_loglik", "size": 4}], "dtype": "float32",
+             "heldout": [{"task": "mmlu", "metric": "accuracy", "size": 3}],
              "pruning": {"enabled": False}, "results_dir": str(tmp_path / "results")}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     loaded = SearchSpace.load(tmp_path / "space.yaml")
     assert loaded.tokenizer.tokens["<tool>"].source == f["chat_a"]
-    summary = run_search(loaded, heldout=False, progress=False)
+    # held-out on: every source is scored (reference lines, the table) in the output vocabulary too
+    summary = run_search(loaded, progress=False)
     assert summary["trials"]["COMPLETE"] == 3
+    assert set(summary["heldout"]["rows"]) == {"winner", "base", "chat_a", "chat_b"}
+    assert set(summary["sources_search"]) == {"base", "chat_a", "chat_b"}
     searcher = Searcher(loaded, progress=False)
     searcher.load()
     assert len(searcher.evaluator.tokenizer) == 387 == searcher.engine.vocabulary.size
+    # a source alone in the output vocabulary: its own tensors, bit for bit, beside the mapped rows
+    from safetensors.torch import load_file
+
+    from evomerge.search.heldout import source_recipes
+
+    alone = searcher.engine.materialize(source_recipes(loaded)["chat_b"]).state_dict()
+    own = load_file(str(Path(f["chat_b"]) / "model.safetensors"))
+    for name, tensor in own.items():
+        if "embed_tokens" not in name and "lm_head" not in name:
+            assert torch.equal(alone[name], tensor.to(alone[name].dtype)), name
     results = tmp_path / "results" / "vocab"
     recipe = yaml.safe_load((results / "best.yaml").read_text())
     assert recipe["tokenizer"]["source"] == "union" and recipe["tokenizer"]["tokens"]["<tool>"]["force"] is True

@@ -1,13 +1,13 @@
 """The composition family: two skills SmolLM2-135M-Instruct lacks, learned apart, needed together.
 
 - **zorbian** (knowledge): numbers in Zorbian, a made-up language that says each digit as a
-  syllable (4 -> "ru", 7 -> "ne": 47 is "ru-ne"). The specialist learns it from answers written in
-  varied surface forms ("ru-ne", "Answer: ru-ne", "It is ru-ne.", ...), as knowledge comes in text,
+  syllable (4 -> "mi", 7 -> "ne": 47 is "mi-ne"). The specialist learns it from answers written in
+  varied surface forms ("mi-ne", "Answer: mi-ne", "It is mi-ne.", ...), as knowledge comes in text,
   with general instructions mixed in.
 - **bracket** (format): every answer as exactly `[answer]`, learned from copying phrases and from
   short questions, never about Zorbian.
 
-The composite task asks for a number in Zorbian and accepts only `[ru-ne]`: the base knows neither
+The composite task asks for a number in Zorbian and accepts only `[mi-ne]`: the base knows neither
 skill, the Zorbian specialist answers in its own forms, the bracket specialist brackets digits.
 Its items (and the two skill tasks') are lm-eval task YAMLs in evomerge/tasks (zorbian,
 bracket_copy, zorbian_bracket), over numbers and phrases no specialist was trained on; this module

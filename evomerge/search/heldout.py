@@ -27,11 +27,19 @@ log = logging.getLogger(__name__)
 
 
 def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
-    """Every source model as the engine sees it: a weight-1 linear "merge" of itself."""
+    """Every source model as the engine sees it: a weight-1 linear "merge" of itself. With a tokenizer
+    setting, every candidate speaks the output vocabulary, so a source does too: a linear merge with
+    weight 1 on it and 0 on every other model (the setting's per-token sources all merge, so a token
+    the source lacks gets the row the setting gives it; every other tensor is the source's own)."""
     sources = ({"base": space.base} if space.base and space.base not in space.models.values() else {}) | space.models
-    return {name: Recipe.from_dict({"merge_method": "linear", "dtype": space.config.dtype,
-                                    "models": [{"model": path, "parameters": {"weight": 1.0}}]})
-            for name, path in sources.items()}
+    everyone = list(dict.fromkeys(sources.values()))
+    recipes = {}
+    for name, path in sources.items():
+        weights = {ref: float(ref == path) for ref in (everyone if space.tokenizer is not None else [path])}
+        recipes[name] = Recipe.from_dict({"merge_method": "linear", **space.common_settings(),
+                                          "models": [{"model": ref, "parameters": {"weight": weight}}
+                                                     for ref, weight in weights.items()]})
+    return recipes
 
 
 def _tasks_digest(space: SearchSpace, entries: list) -> str:

@@ -595,7 +595,7 @@ class SearchSpace:
             batch = 1 if device_type == "cuda" else 8
         return batch, DEFAULT_EVAL_TOKENS
 
-    def _common(self) -> dict[str, Any]:
+    def common_settings(self) -> dict[str, Any]:
         common: dict[str, Any] = {"dtype": self.config.dtype}
         if self.config.out_dtype:
             common["out_dtype"] = self.config.out_dtype
@@ -605,7 +605,7 @@ class SearchSpace:
 
     def soup_recipe(self, members: list[str]) -> Recipe:
         """The first method over `members` (model names) with equal weights."""
-        return soup_recipe(self.methods[0], members, self.models, self.base, self._common())
+        return soup_recipe(self.methods[0], members, self.models, self.base, self.common_settings())
 
     def recipe(self, method: str, values: dict[str, float],
                model_layers: dict[str, int] | None = None) -> Recipe | MoEConfig:
@@ -613,7 +613,7 @@ class SearchSpace:
         MoE config)."""
         if method == MOE:
             return self._moe_config(values)
-        common = {"merge_method": method, **self._common()}
+        common = {"merge_method": method, **self.common_settings()}
         spec = registry.get(method)
         if spec.copies_one_input:
             return Recipe.from_dict({**common, "slices": self._stack_slices(method, values, model_layers or {})})
