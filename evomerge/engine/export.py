@@ -13,7 +13,7 @@ import torch.nn as nn
 from evomerge import __version__
 from evomerge.checkpoint import TOKENIZER_FILES, SourceModel
 from evomerge.engine.vocab import Vocabulary
-from evomerge.errors import OutputError
+from evomerge.errors import PartialOutput, OutputError
 from evomerge.paths import atomic_directory
 from evomerge.recipe import Recipe, chat_template_text
 
@@ -155,7 +155,11 @@ def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceM
         model.save_pretrained(scratch, safe_serialization=True)
         save_tokenizer(recipe, sources, scratch, vocabulary)
         recipe.save(scratch / MERGE_MARKER)
-        written = write_ggufs(scratch, list(gguf), out.name, progress=progress) if gguf else []
-        (scratch / "README.md").write_text(model_card(recipe, out.name, card + gguf_card(written)), encoding="utf-8")
+        written, refused = write_ggufs(scratch, list(gguf), out.name, progress=progress) if gguf else ([], {})
+        (scratch / "README.md").write_text(model_card(recipe, out.name, card + gguf_card(written, refused)),
+                                           encoding="utf-8")
     log.info("wrote %s", out)
+    if refused:  # the checkpoint (and every other file) stays: say what is missing and why
+        raise PartialOutput(f"wrote {out_dir} ({len(written)} GGUF file(s)); not written: "
+                            + "; ".join(f"GGUF {kind}: {why}" for kind, why in refused.items()))
     return Path(out_dir)

@@ -139,29 +139,48 @@ def _head_dim(config) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def write_ggufs(checkpoint: Path, types: list[str], stem: str, *, progress: bool = True) -> list[Path]:
-    """One `<stem>-<TYPE>.gguf` per type inside `checkpoint` (a folder `save_pretrained` wrote)."""
-    written = [write_gguf(checkpoint, checkpoint / f"{stem}-{kind.upper()}.gguf", kind, progress=progress)
-               for kind in types if kind not in K_QUANTS]
+def write_ggufs(checkpoint: Path, types: list[str], stem: str, *,
+                progress: bool = True) -> tuple[list[Path], dict[str, str]]:
+    """One `<stem>-<TYPE>.gguf` per type inside `checkpoint` (a folder `save_pretrained` wrote):
+    (the files written, {type: why not} for each type that could not be written; one refused type
+    costs neither the checkpoint nor the other types)."""
+    written, refused = [], {}
+    for kind in types:
+        if kind in K_QUANTS:
+            continue
+        try:
+            written.append(write_gguf(checkpoint, checkpoint / f"{stem}-{kind.upper()}.gguf", kind, progress=progress))
+        except GGUFError as exc:  # named as the output is (the checkpoint is written in a scratch folder)
+            refused[kind] = str(exc).replace(f"'{checkpoint.name}'", f"'{stem}'")
     kquants = [kind for kind in types if kind in K_QUANTS]
     if not kquants:
-        return written
+        return written, refused
     source = _intermediate_type(checkpoint)  # llama-quantize's input: one written above, else a scratch file
     base = checkpoint / f"{stem}-{source.upper()}.gguf"
     scratch = base not in written
-    if scratch:
-        base = write_gguf(checkpoint, checkpoint / f".{stem}-{source}.for-llama-quantize.gguf", source,
-                          progress=progress)
     try:
-        written += [quantize(base, checkpoint / f"{stem}-{kind.upper()}.gguf", kind) for kind in kquants]
+        if scratch:
+            base = write_gguf(checkpoint, checkpoint / f".{stem}-{source}.for-llama-quantize.gguf", source,
+                              progress=progress)
+        for kind in kquants:
+            try:
+                written.append(quantize(base, checkpoint / f"{stem}-{kind.upper()}.gguf", kind))
+            except GGUFError as exc:
+                refused[kind] = str(exc).replace(f"'{checkpoint.name}'", f"'{stem}'")
+    except GGUFError as exc:
+        refused.update({kind: str(exc).replace(f"'{checkpoint.name}'", f"'{stem}'") for kind in kquants
+                        if kind not in refused})
     finally:
         if scratch:
             base.unlink(missing_ok=True)
-    return written
+    return written, refused
 
 
-def gguf_card(files: list[Path]) -> str:
-    """The model card's section on the GGUF files: what each is and how to run it."""
+def gguf_card(files: list[Path], refused: dict[str, str] | None = None) -> str:
+    """The model card's section on the GGUF files: what each is and how to run it (and which types
+    could not be written, and why)."""
+    if refused and not files:
+        return "\n## GGUF\n\n" + "".join(f"- {kind}: not written: {why}\n" for kind, why in refused.items())
     if not files:
         return ""
     rows = "\n".join(f"| `{f.name}` | {f.stem.rsplit('-', 1)[-1]} | {f.stat().st_size / 1e6:,.1f} MB |" for f in files)
@@ -177,7 +196,7 @@ Written in llama.cpp's conventions (architecture and tokenizer metadata, tensor 
 Run one with llama.cpp: `llama-cli -m {first} -cnv`; with Ollama: a `Modelfile` holding
 `FROM ./{first}`, then `ollama create my-merge -f Modelfile && ollama run my-merge`; with
 transformers: `AutoModelForCausalLM.from_pretrained(folder, gguf_file="{first}")`.
-"""
+""" + "".join(f"\nNot written: {kind}: {why}\n" for kind, why in (refused or {}).items())
 
 
 def _intermediate_type(checkpoint: Path) -> str:
