@@ -200,8 +200,14 @@ def _print_summary(summary: dict) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from evomerge.search import SearchSpace, write_report
 
+    from evomerge.search.storage import normalize_url, sqlite_path
+
     space = SearchSpace.load(args.heldout) if args.heldout else None
-    summary = write_report(args.storage, args.study_name, args.results, heldout_space=space)
+    results = args.results
+    if results is None:  # where the search wrote it: the space's results folder, else beside a SQLite study
+        database = sqlite_path(normalize_url(args.storage))
+        results = space.results_root if space else database.parent.parent if database else "results"
+    summary = write_report(args.storage, args.study_name, results, heldout_space=space)
     _print_summary(summary)
     return 0
 
@@ -360,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", default=os.environ.get(STORAGE_ENV), required=STORAGE_ENV not in os.environ,
                         help=f"Optuna storage URL (default: ${STORAGE_ENV})")
     report.add_argument("--study-name", required=True)
-    report.add_argument("--results", default="results", help="results root")
+    report.add_argument("--results", default=None,
+                        help="results root (default: the --heldout space's results_dir, else the folder above a "
+                             "SQLite study's own, else ./results)")
     report.add_argument("--heldout", default=None, metavar="SPACE",
                         help="the study's space.yaml: also score the winner and sources on the held-out split")
     report.set_defaults(func=_cmd_report)

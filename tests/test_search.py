@@ -4,6 +4,7 @@ the tiny family (outputs, resume, failures, kill -9, Ctrl-C)."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import signal
@@ -812,3 +813,37 @@ def test_a_study_resumes_wherever_its_models_are_named_alike_and_refuses_another
     assert searcher.open_study().user_attrs[STUDY_FINGERPRINT] == space_fingerprint(moved)  # recorded anew
     with pytest.raises(SpaceError, match="study 'tiny' in .* was created from a different search space"):
         Searcher(SearchSpace.from_dict({**space, "methods": ["ties"]}), progress=False).open_study()
+
+
+def test_the_same_command_resumes_from_any_directory(tiny_family, tmp_path, monkeypatch):
+    """results_dir is relative to the space file, as its models are: run from elsewhere, the same
+    command finds the same study instead of silently starting a fresh one. A study made under the old
+    rule (relative to the working directory) still resumes where it is."""
+    project = tmp_path / "project"
+    project.mkdir()
+    space = _space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False})
+    space["results_dir"] = "runs"
+    _write(space, project / "space.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    first = run_search(SearchSpace.load(project / "space.yaml"), heldout=False, progress=False)
+    assert (project / "runs" / "tiny" / "study.db").is_file() and not (elsewhere / "runs").exists()
+    monkeypatch.chdir(tmp_path)
+    again = run_search(SearchSpace.load("project/space.yaml"), n_trials=3, heldout=False, progress=False)
+    assert again["this_run"]["trials"] == 1 and again["trials"]["COMPLETE"] == 3 and first["this_run"]["trials"] == 2
+    # the old rule: results/<study> under the working directory, from before the change
+    old = tmp_path / "old_cwd"
+    (old / "runs").mkdir(parents=True)
+    shutil.move(str(project / "runs" / "tiny"), str(old / "runs" / "tiny"))
+    monkeypatch.chdir(old)
+    resumed = run_search(SearchSpace.load(project / "space.yaml"), n_trials=4, heldout=False, progress=False)
+    assert resumed["this_run"]["trials"] == 1 and resumed["trials"]["COMPLETE"] == 4
+    assert not (project / "runs" / "tiny").exists()
+    # `evomerge report` writes the study's folder where its database is, whatever the working directory
+    from evomerge.cli import main
+
+    (old / "runs" / "tiny" / "leaderboard.md").unlink()
+    monkeypatch.chdir(elsewhere)
+    assert main(["report", "--storage", f"sqlite:///{old / 'runs' / 'tiny' / 'study.db'}", "--study-name", "tiny"]) == 0
+    assert (old / "runs" / "tiny" / "leaderboard.md").is_file() and not (elsewhere / "results").exists()

@@ -115,7 +115,13 @@ class Searcher:
             check_study_name(self.study_name)
         except ValueError as exc:
             raise SpaceError(f"--study-name: {exc}") from None
-        root = Path(results_root or space.config.results_dir)
+        root = Path(results_root) if results_root else space.results_root
+        earlier = Path(space.config.results_dir) / self.study_name  # before, relative to the working directory
+        if results_root is None and not (root / self.study_name).exists() and (earlier / "study.db").is_file() \
+                and earlier.resolve() != (root / self.study_name).resolve():
+            log.warning("resuming the study in %s, where searches before evomerge 0.2 put it (results_dir was relative "
+                        "to the working directory; it is now relative to the space file: %s)", earlier, root)
+            root = Path(space.config.results_dir)
         self.results_dir = root / self.study_name
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.storage_url = store.normalize_url(storage or space.config.storage or store.default_storage(self.results_dir))

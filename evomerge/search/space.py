@@ -230,7 +230,7 @@ class SpaceConfig(_Strict):
     host_memory: Optional[Union[str, float]] = None  # default: the host's free memory
     storage: Optional[str] = None
     pruning: Pruning = Field(default_factory=Pruning)
-    results_dir: str = "results"
+    results_dir: str = "results"  # relative to this file, as the models are
     moe: Optional[MoEBlock] = None  # search mixtures of experts instead of merges
     # More models for the held-out table, beside the winner and the sources: name -> a recipe or MoE
     # config file (e.g. another study's best.yaml), relative to this file.
@@ -440,6 +440,15 @@ class SearchSpace:
                 if key == "tasks":
                     higher[entry.task] = spec.higher_is_better
         return higher
+
+    @property
+    def results_root(self) -> Path:
+        """Where results/<study> folders go: `results_dir`, relative to this file (as models are), so
+        the same command finds the same study from any working directory."""
+        configured = Path(self.config.results_dir).expanduser()
+        if configured.is_absolute() or self.source is None:
+            return configured
+        return Path(os.path.normpath(self.source.parent.absolute() / configured))
 
     @property
     def _where(self) -> str:
