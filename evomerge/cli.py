@@ -93,10 +93,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     requests = parse_tasks(args.tasks, args.metric, args.limit, args.num_fewshot, args.subjects, paths, args.filter)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     evaluator = Evaluator(requests, tokenizer, split=args.split, seed=args.seed, batch_size=args.batch_size,
-                          progress=True, task_paths=paths)
+                          progress=True, task_paths=paths, apply_chat_template=args.apply_chat_template)
     scores = evaluator.evaluate(model)
     report = {"model": args.model, "split": args.split, "seed": args.seed, "items": evaluator.describe_splits(),
-              **scores.to_json()}
+              "apply_chat_template": evaluator.apply_chat_template, **scores.to_json()}
     text = json.dumps(report, indent=2, default=str)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
@@ -246,6 +246,13 @@ def _memory_options(parser: argparse.ArgumentParser, *, where: str) -> None:
                         help="host memory the plan may use (default: the free memory)")
 
 
+def _chat_setting(text: str):
+    value = {"auto": "auto", "true": True, "false": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"auto, true or false, got {text!r}")
+    return value
+
+
 def _include_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
                         help="a folder of lm-eval task YAMLs (repeatable; like lm_eval's --include_path)")
@@ -318,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto (default): largest that fits on a GPU, 8 on a CPU")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    ev.add_argument("--apply-chat-template", default="auto", type=_chat_setting, metavar="auto|true|false",
+                    help="prompts through the model's chat template: auto (when it has one, the default), true, false")
     ev.add_argument("--output", default=None, help="write scores (lm-eval results layout) to this JSON file")
     ev.set_defaults(func=_cmd_eval)
 

@@ -142,13 +142,13 @@ def tokenizer(tiny_family):
     return AutoTokenizer.from_pretrained(tiny_family["base"])
 
 
-def lm_eval_cli(model: str, task_dir: Path, task: str, out: Path, extra: list[str] = ()) -> dict:
+def lm_eval_cli(model: str, task_dir: Path, task: str, out: Path, extra: list[str] = (), chat: bool = True) -> dict:
     """lm-eval's own CLI on `task` (run from the task folder: lm-eval reads relative data_files from
     the working directory); its results section."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={model}",
                "--include_path", str(task_dir), "--tasks", task, "--batch_size", "8", "--device", "cpu",
-               "--apply_chat_template", "--output_path", str(out), *extra]
+               *(["--apply_chat_template"] if chat else []), "--output_path", str(out), *extra]
     done = subprocess.run(command, cwd=task_dir, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (found,) = out.rglob("results_*.json")
@@ -182,6 +182,19 @@ def test_split_all_equals_lm_evals_cli(task, metrics, task_dir, tiny_family, tmp
     assert report["items"][task]["rule"] == "every item"
     # the score evomerge reports is the task's first metric through its first filter
     assert report["scores"][task] == pytest.approx(theirs[metrics[0]], abs=1e-6)
+
+
+def test_without_the_chat_template_too(task_dir, tiny_family, tmp_path):
+    """--apply-chat-template false scores as lm_eval does without --apply_chat_template, and says so."""
+    theirs = lm_eval_cli(tiny_family["base"], task_dir, "quiz_mc", tmp_path / "lm_eval", chat=False)["quiz_mc"]
+    report = evomerge_eval(tiny_family["base"], task_dir, "quiz_mc", tmp_path / "ours.json",
+                           "--apply-chat-template", "false")
+    assert report["apply_chat_template"] is False
+    assert report["results"]["quiz_mc"]["acc,none"] == pytest.approx(theirs["acc,none"], abs=1e-6)
+    chat = evomerge_eval(tiny_family["base"], task_dir, "quiz_mc", tmp_path / "chat.json")
+    assert chat["apply_chat_template"] is True
+    assert chat["results"]["quiz_mc"]["acc,none"] != report["results"]["quiz_mc"]["acc,none"] or \
+        chat["results"]["quiz_mc"]["acc_norm,none"] != report["results"]["quiz_mc"]["acc_norm,none"]
 
 
 def test_a_group_scores_its_tasks_items_as_lm_eval_aggregates_them(task_dir, tiny_family, tmp_path):
@@ -355,7 +368,7 @@ def test_a_search_over_a_custom_task_end_to_end(task_dir, tiny_family, tmp_path)
         "tasks": [{"task": "quiz_ll", "metric": "perplexity", "size": 8}],
         "heldout": [{"task": "quiz_mc", "metric": "accuracy", "size": 12},
                     {"task": "quiz_ll", "metric": "perplexity", "size": 10}],
-        "n_trials": 4, "dtype": "float32", "pruning": {"enabled": False},
+        "n_trials": 4, "dtype": "float32", "pruning": {"enabled": False}, "apply_chat_template": False,
         "results_dir": str(tmp_path / "results"),
     }
     (work / "space.yaml").write_text(yaml.safe_dump(space))
@@ -363,6 +376,7 @@ def test_a_search_over_a_custom_task_end_to_end(task_dir, tiny_family, tmp_path)
     folder = tmp_path / "results" / "custom"
     leaderboard = json.loads((folder / "summary.json").read_text())
     assert leaderboard["trials"]["COMPLETE"] == 4
+    assert leaderboard["apply_chat_template"] == {"setting": False, "applied": False}
     # the objective is minus the perplexity: the best trial has the lowest
     import optuna
 

@@ -159,6 +159,9 @@ class Evaluator:
         self.max_length = max_length
         if apply_chat_template == "auto":
             apply_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        elif apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise EvomergeError("apply_chat_template: true, but the model's tokenizer has no chat template "
+                                "(set auto or false)")
         self.apply_chat_template = apply_chat_template
         self.progress = progress
         self._lm = None

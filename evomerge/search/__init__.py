@@ -107,7 +107,9 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
         log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
         held = evaluate_heldout(searcher.space, load, load_candidate(best.recipe),
                                 device=device) | {"trial": best.number}
-    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=device)}
+    applied = searcher.evaluator.apply_chat_template if searcher.evaluator is not None else None
+    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=device),
+             "apply_chat_template": {"setting": searcher.space.config.apply_chat_template, "applied": applied}}
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
                          references=references, extra=extra, rename=searcher.space.portable_refs)
 

@@ -67,6 +67,7 @@ def cache_key(space: SearchSpace, recipe: Candidate, device: str, split: str = "
     key = {"recipe": weights.to_yaml(), **({"split": split} if split != "heldout" else {}),
            "entries": [e.model_dump(mode="json") for e in _entries(space, split)],
            "seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size, "device": device,
+           **({"chat": config.apply_chat_template} if config.apply_chat_template != "auto" else {}),
            "tasks": _tasks_digest(space, _entries(space, split)), "versions": [__version__, lm_eval.__version__, torch.__version__,
                                                   transformers.__version__]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -96,7 +97,8 @@ def score_models(space: SearchSpace, load: Callable[[], tuple[Any, Any]], candid
         if not evaluators:
             evaluators.update({metric: Evaluator(space.task_requests(group), tokenizer, split=split,
                                                  seed=space.config.seed, batch_size=space.config.batch_size,
-                                                 task_paths=space.task_paths)
+                                                 task_paths=space.task_paths,
+                                                 apply_chat_template=space.config.apply_chat_template)
                                for metric, group in by_metric.items()})
         model = engine.materialize(recipe, seed=space.config.seed)
         scored: dict[str, Any] = {"scores": {}, "items": {}, "higher_is_better": {}, "aggregation": {}}

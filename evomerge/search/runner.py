@@ -101,6 +101,8 @@ def space_fingerprint(space: SearchSpace, *, by_path: bool = False) -> str:
         relevant["mergekit_exact"] = True
     if c.moe is not None:
         relevant["moe"] = c.moe.model_dump(mode="json")
+    if c.apply_chat_template != "auto":  # likewise: studies made before the setting keep their fingerprint
+        relevant["apply_chat_template"] = c.apply_chat_template
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
 
 
@@ -179,7 +181,8 @@ class Searcher:
         vocabulary = self.engine.vocabulary
         tokenizer = vocabulary.tokenizer if vocabulary else self.engine.sources[self.engine.reference].tokenizer()
         self.evaluator = Evaluator(self.space.task_requests(), tokenizer, split="search", seed=config.seed,
-                                   batch_size=config.batch_size, task_paths=self.space.task_paths)
+                                   batch_size=config.batch_size, task_paths=self.space.task_paths,
+                                   apply_chat_template=config.apply_chat_template)
         for task, split in self.evaluator.public_test_items():
             log.warning("%s: the search scores items of this public benchmark's %s split; held-out scores on "
                         "another split stay honest, but a score on %s is no longer a clean test score", task, split, split)

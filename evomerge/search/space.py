@@ -224,6 +224,8 @@ class SpaceConfig(_Strict):
     # `evomerge merge --mergekit-exact` and mergekit-yaml give for the trial's recipe, bit for bit.
     mergekit_exact: bool = False
     batch_size: Union[Literal["auto"], int] = "auto"  # auto: largest that fits on a GPU, 8 on a CPU
+    # Prompts through the model's chat template: auto (when the tokenizer has one), true or false.
+    apply_chat_template: Union[Literal["auto"], bool] = "auto"
     # Where the sources live (evomerge.engine.memory): the fastest tier that fits, or one for all.
     placement: Literal["auto", "device", "host", "disk"] = "auto"
     device_memory: Optional[Union[str, float]] = None  # e.g. "80GB"; default: the device's free memory
