@@ -181,7 +181,7 @@ def _print_summary(summary: dict) -> None:
     best = summary.get("best")
     trials = summary["trials"]
     print(f"study {summary['study']}: {trials.get('COMPLETE', 0)} complete, {trials.get('PRUNED', 0)} pruned, "
-          f"{trials.get('FAIL', 0)} failed")
+          f"{trials.get('FAIL', 0)} failed" + (f", {trials['INTERRUPTED']} interrupted" if trials.get("INTERRUPTED") else ""))
     if best:
         print(f"best: trial {best['trial']} ({best['method']}) score {best['value']:.4f}  "
               + "  ".join(f"{k}={v:.4f}" for k, v in (best.get("scores") or {}).items()))
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evomerge.log import setup_logging
+    from evomerge.log import setup_logging, to_log_files
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -393,14 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EvomergeError as exc:
+        message = f"evomerge: error: {' '.join(str(exc).split())}"
+        to_log_files(logging.ERROR, message)
         if args.debug:
             raise
-        print(f"evomerge: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        to_log_files(logging.WARNING, "evomerge: interrupted")
         print("evomerge: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        to_log_files(logging.CRITICAL, f"evomerge: {type(exc).__name__}: {exc}", exc_info=sys.exc_info())
         if not _disk_full(exc) or args.debug:
             raise
         where = getattr(exc, "filename", None)

@@ -50,3 +50,12 @@ def setup_logging(verbose: bool = False, log_file: str | os.PathLike | None = No
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # evomerge drives trials with ask/tell and keeps its own heartbeat (search/storage.py).
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def to_log_files(level: int, message: str, exc_info=None) -> None:
+    """A record for the log files only (search.log), e.g. the fatal error the CLI prints itself: an
+    overnight user reads the log, not the terminal that is gone."""
+    record = logging.getLogger("evomerge").makeRecord("evomerge", level, "", 0, message, (), exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -129,6 +129,11 @@ def test_della_epsilon_keeps_density_inside_the_unit_interval(tiny_family, tmp_p
                 assert density >= 1 or (density - eps > 0 and density + eps < 1)
 
 
+def test_several_objectives_default_to_nsga2(tiny_family, tmp_path):
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, objective="multi"))
+    assert space.config.sampler == "nsga2" and space.objectives == 2
+
+
 def test_task_arithmetic_does_not_search_density(tiny_family, tmp_path):
     space = SearchSpace.from_dict(_space(tiny_family, tmp_path))
     assert {d.param for d in space.dimensions("task_arithmetic")} == {"weight", "lambda"}
@@ -453,6 +458,7 @@ def test_ctrl_c_waits_for_a_database_write_then_stops(tiny_family, tmp_path, mon
     space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=5, pruning={"enabled": False}))
     summary = run_search(space, heldout=False, progress=False)
     assert summary["this_run"]["interrupted"] is True and summary["trials"]["COMPLETE"] == 2
+    assert summary["trials"]["INTERRUPTED"] == 1 and summary["trials"]["FAIL"] == 0  # reported as what it was
     study = optuna.load_study(study_name="tiny", storage=summary["storage"])
     stopped = study.trials[2]
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["interrupted"] is True
@@ -773,6 +779,11 @@ def test_export_writes_exactly_what_merge_writes_with_the_search_in_its_card(tin
     readme = (exported / "README.md").read_text()
     assert f"Trial {summary['best']['trial']} of study `tiny`" in readme and "## Held-out scores" in readme
     assert "- torch " in readme and f"{summary['best']['scores']['gsm8k']:.4f}" in readme
+    # the card names local models relative to the checkpoint: no path of this machine in it
+    assert tiny_family["ft_math"] not in readme
+    import os
+
+    assert f"- {os.path.relpath(tiny_family['ft_math'], exported)}" in readme
     other = next(n for n in range(4) if n != summary["best"]["trial"])
     assert main(["export", str(results), str(tmp_path / "other"), "--trial", str(other), "--device", "cpu", "-q"]) == 0
     assert "## Held-out scores" not in (tmp_path / "other" / "README.md").read_text()
@@ -847,3 +858,15 @@ def test_the_same_command_resumes_from_any_directory(tiny_family, tmp_path, monk
     monkeypatch.chdir(elsewhere)
     assert main(["report", "--storage", f"sqlite:///{old / 'runs' / 'tiny' / 'study.db'}", "--study-name", "tiny"]) == 0
     assert (old / "runs" / "tiny" / "leaderboard.md").is_file() and not (elsewhere / "results").exists()
+
+
+def test_a_fatal_error_is_written_to_search_log(tiny_family, tmp_path, capsys):
+    """What ended an overnight search is in search.log, not only on a terminal that is gone."""
+    from evomerge.cli import main
+
+    space = _space(tiny_family, tmp_path)
+    space["models"][1]["path"] = str(tmp_path / "no-such-model")
+    assert main(["search", str(_write(space, tmp_path / "space.yaml")), "-q"]) == 2
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge: error:"))
+    log = (tmp_path / "results" / "tiny" / "search.log").read_text()
+    assert "ERROR" in log and line in log

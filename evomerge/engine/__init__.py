@@ -73,11 +73,13 @@ def merge_to_checkpoint(
     placement: str = "auto",
     device_memory: int | str | None = None,
     host_memory: int | str | None = None,
+    names: dict[str, str] | None = None,
 ) -> Path:
     """`mergekit-yaml` equivalent: merge a recipe and write a Hugging Face checkpoint (`card`: more
     Markdown for its model card; `gguf`: GGUF types to write beside it, checked before merging;
     `mergekit_exact`: mergekit 0.1.5's arithmetic, so the tensors are mergekit's bit for bit; `placement`,
-    `device_memory`, `host_memory`: where the sources live, see evomerge.engine.memory)."""
+    `device_memory`, `host_memory`: where the sources live, see evomerge.engine.memory; `names`: how the
+    model card names models, e.g. a search's `demo-family:math`)."""
     from evomerge.engine.gguf import check_config, check_types
 
     gguf = check_types(gguf)
@@ -105,7 +107,7 @@ def merge_to_checkpoint(
         check_config(engine.sources[recipe.base_model or recipe.referenced_models()[0]].config, "the merged model")
     model = engine.materialize(recipe, seed=seed, progress=progress)
     return save_checkpoint(model, recipe, engine.sources, out_dir, card, gguf=gguf, progress=progress,
-                           vocabulary=engine.vocabulary)
+                           vocabulary=engine.vocabulary, names=names)
 
 
 def moe_to_checkpoint(config: MoEConfig, out_dir: str | Path, *, device: str = "auto", seed: int = 0,

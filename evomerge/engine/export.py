@@ -4,6 +4,7 @@ model card embedding the recipe (plus mergekit_config.yml, so the folder reads l
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -55,6 +56,21 @@ def copy_tokenizer(donor: SourceModel, out_dir: Path, template: str | None = Non
     if template is not None:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)
+
+
+def card_names(refs: list[str], out: Path, names: dict[str, str] | None = None) -> dict[str, str]:
+    """How a model card names each model: as the search named it (`names`, e.g. `demo-family:math`),
+    else a local folder relative to the checkpoint (a card carries no path of the machine it was
+    made on), else as given (a Hugging Face id)."""
+    found = {}
+    for ref in refs:
+        if names and ref in names:
+            found[ref] = names[ref]
+        elif Path(ref.split("+")[0]).is_absolute():
+            found[ref] = "+".join(os.path.relpath(part, out) for part in ref.split("+"))
+        else:
+            found[ref] = ref
+    return found
 
 
 def model_card(recipe: Recipe, name: str, extra: str = "") -> str:
@@ -141,7 +157,7 @@ MOE_MARKER = "mergekit_moe_config.yml"  # as mergekit-moe names the config it co
 
 def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceModel], out_dir: str | Path,
                     card: str = "", gguf: list[str] | tuple[str, ...] = (), progress: bool = True,
-                    vocabulary: Vocabulary | None = None) -> Path:
+                    vocabulary: Vocabulary | None = None, names: dict[str, str] | None = None) -> Path:
     """Writes the checkpoint (and a `<name>-<TYPE>.gguf` for each of `gguf`) into a scratch folder
     beside OUT_DIR that replaces it only when complete: an interrupted or failed write leaves OUT_DIR
     as it was."""
@@ -156,7 +172,8 @@ def save_checkpoint(model: nn.Module, recipe: Recipe, sources: dict[str, SourceM
         save_tokenizer(recipe, sources, scratch, vocabulary)
         recipe.save(scratch / MERGE_MARKER)
         written, refused = write_ggufs(scratch, list(gguf), out.name, progress=progress) if gguf else ([], {})
-        (scratch / "README.md").write_text(model_card(recipe, out.name, card + gguf_card(written, refused)),
+        shown = recipe.with_models(card_names(recipe.referenced_models(), out, names))
+        (scratch / "README.md").write_text(model_card(shown, out.name, card + gguf_card(written, refused)),
                                            encoding="utf-8")
     log.info("wrote %s", out)
     if refused:  # the checkpoint (and every other file) stays: say what is missing and why

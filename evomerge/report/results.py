@@ -68,6 +68,9 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
     results_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
+    # a trial stopped by Ctrl-C is stored failed (Optuna has no other final state for it): counted apart
+    states["INTERRUPTED"] = sum(t.state == TrialState.FAIL and TrialRecord.of(t).interrupted for t in trials)
+    states["FAIL"] -= states["INTERRUPTED"]
     best = best_trial(study)
     if best is not None:
         load_candidate(best.recipe).with_models(rename or {}).save(results_dir / "best.yaml")

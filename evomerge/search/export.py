@@ -60,7 +60,8 @@ def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = 
     folder = Path(results_dir)
     _summary, study = store.open_results(folder, "RESULTS_DIR")
     record = chosen_trial(study, trial)
-    recipe = resolve_members(load_candidate(record.recipe), device=device, progress=progress)
+    stored = load_candidate(record.recipe)
+    recipe = resolve_members(stored, device=device, progress=progress)
     if isinstance(recipe, MoEConfig):
         if gguf:
             raise EvomergeError("--gguf: GGUF export of a mixture of experts is not built; export it without --gguf")
@@ -72,5 +73,11 @@ def export(results_dir: str | Path, out_dir: str | Path, *, trial: int | None = 
     exact = bool(study.user_attrs.get(STUDY_SPACE, {}).get("mergekit_exact"))  # merged as the search scored it
     log.info("exporting trial %d (%s) to %s%s", record.number, record.label, out_dir,
              " with mergekit's arithmetic" if exact else "")
+    from evomerge.demo.family import is_member_ref
+    from evomerge.search import _portable_refs
+
+    names = _portable_refs(study)  # the space's names for its models (demo-family members by name)
+    names.update({path: ref for ref, path in zip(stored.referenced_models(), recipe.referenced_models())
+                  if is_member_ref(ref)})
     return merge_to_checkpoint(recipe, out_dir, device=device, seed=record.seed or 0, progress=progress,
-                               card=card(folder, record), gguf=gguf, mergekit_exact=exact)
+                               card=card(folder, record), gguf=gguf, mergekit_exact=exact, names=names)

@@ -209,6 +209,7 @@ class SpaceConfig(_Strict):
     # Folders of lm-eval task YAMLs (relative to this file), searched before the built-ins and lm-eval's own.
     task_paths: list[str] = Field(default_factory=list)
     objective: Literal["weighted_sum", "multi"] = "weighted_sum"
+    # default: cmaes, or nsga2 with objective: multi
     sampler: Literal["cmaes", "tpe", "random", "nsga2", "greedy_soup", "uniform_soup"] = "cmaes"
     n_trials: Optional[int] = Field(None, ge=1)
     timeout: Optional[float] = Field(None, gt=0)  # seconds
@@ -274,7 +275,9 @@ class SpaceConfig(_Strict):
         elif self.n_trials is None and self.timeout is None:
             raise ValueError("n_trials or timeout: give at least one, or the search never stops")
         if self.objective == "multi" and self.sampler == "cmaes":
-            raise ValueError("sampler: cmaes optimises one objective; use nsga2, tpe or random with objective: multi")
+            if "sampler" in self.model_fields_set:
+                raise ValueError("sampler: cmaes optimises one objective; use nsga2, tpe or random with objective: multi")
+            self.sampler = "nsga2"  # the default sampler for several objectives
         if self.objective == "multi" and len(self.tasks) < 2:
             raise ValueError("objective: multi needs at least two tasks")
         names = [m.name if isinstance(m, ModelEntry) else m for m in self.models]
