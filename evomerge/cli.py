@@ -246,6 +246,24 @@ def _memory_options(parser: argparse.ArgumentParser, *, where: str) -> None:
                         help="host memory the plan may use (default: the free memory)")
 
 
+def _thread_count(text: str) -> int:
+    """--threads: above 0 and at most 8 threads per core this process may use (more only thrashes,
+    and a huge count aborts inside OpenMP)."""
+    from evomerge.device import available_cores
+
+    value = _positive(int)(text)
+    most = 8 * available_cores()
+    if value > most:
+        raise argparse.ArgumentTypeError(f"at most {most} (8 per core of the {available_cores()} this process may use), "
+                                         f"got {text}")
+    return value
+
+
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_thread_count, default=None,
+                        help="CPU threads for torch and the tokenizers (default: the cores available to this process)")
+
+
 def _chat_setting(text: str):
     value = {"auto": "auto", "true": True, "false": False}.get(text.lower())
     if value is None:
@@ -286,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "nothing is loaded")
     _memory_options(merge, where="merge")
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _threads_option(merge)
     _gguf_option(merge)
     merge.set_defaults(func=_cmd_merge)
 
@@ -294,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_options(moe, seed="seed of random gates (gate_mode: random) and noise_scale")
     _memory_options(moe, where="moe")
     moe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _threads_option(moe)
     moe.set_defaults(func=_cmd_moe)
 
     exp = sub.add_parser("export", help="write a study's winner (or --trial N) as a Hugging Face checkpoint")
@@ -302,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--trial", type=int, default=None, help="a completed trial's number (default: the winner)")
     exp.add_argument("--device", default="auto")
     exp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _threads_option(exp)
     _gguf_option(exp)
     exp.set_defaults(func=_cmd_export)
 
@@ -328,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--apply-chat-template", default="auto", type=_chat_setting, metavar="auto|true|false",
                     help="prompts through the model's chat template: auto (when it has one, the default), true, false")
     ev.add_argument("--output", default=None, help="write scores (lm-eval results layout) to this JSON file")
+    _threads_option(ev)
     ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser("demo-family", help="build a family of SmolLM2-135M fine-tunes offline (cached): the demo's "
@@ -338,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default=None, help="directory (default: the user cache, keyed by recipe)")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--no-scores", action="store_true", help="skip the score table")
+    _threads_option(demo)
     demo.set_defaults(func=_cmd_demo_family)
 
     search = sub.add_parser("search", help="evolutionary search over merge recipes (resumable)")
@@ -349,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--n-trials", type=_positive(int), default=None, help="override the space's n_trials")
     search.add_argument("--timeout", type=_positive(float), default=None, help="seconds; override the space's timeout")
     search.add_argument("--device", default=None, help="override the space's device")
-    search.add_argument("--threads", type=_positive(int), default=None,
+    search.add_argument("--threads", type=_thread_count, default=None,
                         help="CPU threads for torch and the tokenizers (default: the space's threads, else the cores "
                              "available to this process)")
     search.add_argument("--results", default=None, help="results root (default: the space's results_dir)")
@@ -380,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "SQLite study's own, else ./results)")
     report.add_argument("--heldout", default=None, metavar="SPACE",
                         help="the study's space.yaml: also score the winner and sources on the held-out split")
+    _threads_option(report)
     report.set_defaults(func=_cmd_report)
     return parser
 
@@ -391,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(verbose=args.verbose)
     try:
+        if args.command != "search":  # a search sets its own (the space's threads, or --threads)
+            from evomerge.device import use_threads
+
+            use_threads(getattr(args, "threads", None))
         return args.func(args)
     except EvomergeError as exc:
         message = f"evomerge: error: {' '.join(str(exc).split())}"

@@ -153,8 +153,13 @@ def test_cli_eval_writes_lm_eval_layout(tiny_family, tmp_path):
     from evomerge.cli import main
 
     out = tmp_path / "scores.json"
-    assert main(["eval", tiny_family["base"], "--tasks", "gsm8k,mmlu", "--metric", "gold_loglik", "--limit", "3",
-                 "--split", "heldout", "--output", str(out)]) == 0
+    before = torch.get_num_threads()
+    try:  # --threads on every command that loads a model, not only on search
+        assert main(["eval", tiny_family["base"], "--tasks", "gsm8k,mmlu", "--metric", "gold_loglik", "--limit", "3",
+                     "--split", "heldout", "--output", str(out), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     report = json.loads(out.read_text())
     assert report["split"] == "heldout" and set(report["scores"]) == {"gsm8k", "mmlu"}
     assert "gold_loglik,none" in report["results"]["gsm8k"]
