@@ -870,3 +870,11 @@ def test_a_fatal_error_is_written_to_search_log(tiny_family, tmp_path, capsys):
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge: error:"))
     log = (tmp_path / "results" / "tiny" / "search.log").read_text()
     assert "ERROR" in log and line in log
+
+
+def test_the_space_reference_is_generated_from_the_schema():
+    """docs/space-reference.md is what the schema says now: a field added without a line, or a file
+    not regenerated, fails here (`python -m evomerge.search.reference > docs/space-reference.md`)."""
+    from evomerge.search.reference import render
+
+    assert (REPO / "docs" / "space-reference.md").read_text(encoding="utf-8") == render()
