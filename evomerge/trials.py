@@ -52,7 +52,11 @@ FIELDS: Mapping[str, str] = {
     "interrupted": "interrupted",
     "retry_of": "retry_of",
     "duplicate_of_recipe": "duplicate_of_recipe",
+    "warm_start": "warm_start",  # a warm-start candidate's label ("math alone", "uniform soup", a file)
 }
+# A warm-start trial's candidate, set when it is queued: its recipe, and its search point (method, values).
+WARM_RECIPE = "warm_recipe"
+WARM_POINT = "warm_point"
 
 # System attributes, written by the sampler and the storage coordination.
 SAMPLER_PREFIX = "evomerge:"
@@ -121,6 +125,7 @@ class TrialRecord:
     interrupted: bool = False
     retry_of: int | None = None
     duplicate_of_recipe: str | None = None
+    warm_start: str | None = None
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> "TrialRecord":

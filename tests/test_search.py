@@ -26,6 +26,7 @@ from evomerge.recipe import Recipe, setting_leaves
 from evomerge.search import SearchSpace, dry_run, run_search
 from evomerge.search.sampler import MethodwiseCmaEs, _seed, from_unit, suggest
 from evomerge.trials import SAMPLER_PREFIX as KEY
+from evomerge.trials import TrialRecord
 from tests.conftest import REPO, oracle
 
 
@@ -878,3 +879,35 @@ def test_the_space_reference_is_generated_from_the_schema():
     from evomerge.search.reference import render
 
     assert (REPO / "docs" / "space-reference.md").read_text(encoding="utf-8") == render()
+
+
+def test_a_warm_start_runs_the_obvious_candidates_first_and_cma_es_starts_from_the_best(tiny_family, tmp_path):
+    from evomerge.search.sampler import MethodwiseCmaEs, to_unit
+    from evomerge.trials import WARM_POINT
+
+    known = {"merge_method": "task_arithmetic", "base_model": tiny_family["base"], "dtype": "float32",
+             "models": [{"model": "math", "parameters": {"weight": 0.9}}, {"model": "code", "parameters": {"weight": 0.2}}]}
+    (tmp_path / "known.yaml").write_text(yaml.safe_dump(known))
+    space = SearchSpace.load(_write(_space(tiny_family, tmp_path, n_trials=7, pruning={"enabled": False},
+                                            warm_start={"recipes": ["known.yaml"]}), tmp_path / "space.yaml"))
+    summary = run_search(space, heldout=False, progress=False)
+    study = optuna.load_study(study_name="tiny", storage=summary["storage"])
+    first = [TrialRecord.of(t) for t in study.trials[:5]]
+    assert [r.warm_start for r in first] == ["math alone", "code alone", "know alone", "uniform soup", "known.yaml"]
+    assert all(r.proposer == "warm_start" for r in first) and study.trials[5].user_attrs["proposer"] == "cmaes"
+    alone = Recipe.from_yaml(first[0].recipe)
+    assert [(m.model, m.parameters["weight"]) for m in alone.models] == [(tiny_family["ft_math"], 1.0)]
+    # the point of the known recipe: its weights, the models it leaves out at the range's low end
+    method, values = study.trials[4].user_attrs[WARM_POINT]
+    assert values["task_arithmetic.math.weight.rest.0"] == 0.9 and values["task_arithmetic.know.weight.rest.0"] == 0.0
+    # CMA-ES's first generation is centred on the best of them
+    best = max(study.trials[:5], key=lambda t: t.value)
+    optimizer = MethodwiseCmaEs(space).new_optimizer("task_arithmetic", study.trials)
+    dims = space.dimensions("task_arithmetic")
+    expected = [to_unit(d, best.user_attrs[WARM_POINT][1][d.name]) for d in dims]
+    assert np.allclose(optimizer._mean, expected)
+    # a study that already ran gets no second warm start
+    again = run_search(space, n_trials=8, heldout=False, progress=False)
+    assert again["trials"]["COMPLETE"] == 8
+    assert sum(1 for t in optuna.load_study(study_name="tiny", storage=summary["storage"]).trials
+               if t.user_attrs.get("warm_start")) == 5

@@ -103,6 +103,10 @@ DESCRIPTIONS = {
     "moe.gate_scale.high": "largest scale",
     "moe.gate_scale.log": "sample on a log scale",
     "moe.architecture": "output architecture: mixtral, qwen or qwen3 (default: as mergekit-moe chooses)",
+    "warm_start": "a new study's first trials: true (each source alone, the uniform soup) or a mapping; CMA-ES starts from the best",
+    "warm_start.sources": "each source alone",
+    "warm_start.uniform_soup": "every source, equal weights",
+    "warm_start.recipes": "recipe files of your own (relative to this file; models by their names in models)",
     "compare": "more rows for the held-out table: name -> a recipe or MoE config file (relative to this file)",
 }
 

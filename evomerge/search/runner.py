@@ -29,7 +29,7 @@ from evomerge.device import resolve_device, use_threads
 from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError, MergeFailure, SpaceError
 from evomerge.evaluation import Evaluator, Scores
-from evomerge.moe import Candidate
+from evomerge.moe import Candidate, load_candidate
 from evomerge.search import storage as store
 from evomerge.search.interrupts import InterruptGate
 from evomerge.search.sampler import make_sampler, suggest
@@ -150,6 +150,7 @@ class Searcher:
             study.set_user_attr(record.STUDY_FINGERPRINT, fingerprint)
             study.set_user_attr(record.STUDY_SPACE, self.space.config.model_dump(mode="json"))
             study.set_user_attr(record.STUDY_MODELS, self.space.models)
+            self._enqueue_warm_start(study)
         elif existing not in (fingerprint, space_fingerprint(self.space, by_path=True)):
             raise SpaceError(
                 f"study '{self.study_name}' in {store.shown(self.storage_url)} was created from a different search space "
@@ -158,6 +159,17 @@ class Searcher:
         elif existing != fingerprint:  # recorded by path, before: recorded as the space names its models now
             study.set_user_attr(record.STUDY_FINGERPRINT, fingerprint)
         return study
+
+    def _enqueue_warm_start(self, study: optuna.Study) -> None:
+        """A new study's first trials: the warm start's candidates (never for a study that ran)."""
+        if study.get_trials(deepcopy=False) or not self.space.warm_recipes:
+            return
+        for label, recipe in self.space.warm_recipes.items():
+            point = self.space.values_for(recipe)
+            study.enqueue_trial({}, user_attrs={record.FIELDS["warm_start"]: label, record.WARM_RECIPE: recipe.to_yaml(),
+                                                record.WARM_POINT: list(point) if point else None},
+                                skip_if_exists=False)
+        log.info("warm start: %d first trials (%s)", len(self.space.warm_recipes), ", ".join(self.space.warm_recipes))
 
     def load(self) -> None:
         """Sources resident on the device, tokenizer and evaluator: once per worker."""
@@ -190,6 +202,9 @@ class Searcher:
     # ------------------------------------------------------------------ one trial
 
     def recipe_for(self, trial: optuna.Trial) -> Candidate:
+        warm = trial.user_attrs.get(record.WARM_RECIPE)
+        if warm is not None:  # a warm-start candidate: run as it was queued
+            return load_candidate(warm)
         if self.space.soup:
             return self.space.soup_recipe(suggest_members(trial, list(self.space.models)))
         method, values = suggest(trial, self.space)
@@ -199,7 +214,9 @@ class Searcher:
         config = self.space.config
         recipe = self.recipe_for(trial)
         text = recipe.to_yaml()
-        record.write(trial, recipe=text, method=recipe.merge_method, proposer=config.sampler, seed=config.seed)
+        warm = record.FIELDS["warm_start"] in trial.user_attrs
+        record.write(trial, recipe=text, method=recipe.merge_method, proposer="warm_start" if warm else config.sampler,
+                     seed=config.seed)
         started, cpu_started = time.perf_counter(), time.process_time()
         key = hashlib.sha256(text.encode()).hexdigest()
         if key in self._recipe_scores:  # the same recipe again (e.g. a parameter-less method)
@@ -213,7 +230,7 @@ class Searcher:
             raise CandidateFailed(str(exc)) from exc
         merge_seconds = time.perf_counter() - started
         # a soup's decisions need full scores: its trials are never pruned
-        pruning = config.pruning.enabled and config.objective != "multi" and not self.space.soup
+        pruning = config.pruning.enabled and config.objective != "multi" and not self.space.soup and not warm
         if pruning:
             rung = config.pruning.first_rung
             first = self._score(model, part=(0.0, rung))

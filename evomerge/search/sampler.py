@@ -110,7 +110,7 @@ class MethodwiseCmaEs(BaseSampler):
         return space
 
     def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        if not search_space:
+        if not search_space or record.WARM_RECIPE in trial.user_attrs:  # a warm-start candidate is not CMA-ES's
             return {}
         history = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
         retry_of = TrialRecord.of(trial).retry_of
@@ -151,11 +151,20 @@ class MethodwiseCmaEs(BaseSampler):
 
     # -------------------------------------------------------------- CMA-ES per method
 
-    def new_optimizer(self, method: str):
+    def new_optimizer(self, method: str, history: list[FrozenTrial] = ()):
+        """CMA-ES for one method, centred on the best warm-start candidate of that method (when the
+        study had a warm start), else on the middle of every range."""
         from cmaes import CMA
 
         dims = self.space.dimensions(method)
-        mean = np.array([to_unit(d, v) for d, v in zip(dims, self.space.default_values(method).values())])
+        start = self.space.default_values(method)
+        warm = [(trial_loss(t), t.user_attrs[record.WARM_POINT][1]) for t in history
+                if t.user_attrs.get(record.WARM_POINT) and t.user_attrs[record.WARM_POINT][0] == method
+                and trial_loss(t) is not None]
+        if warm:
+            best = min(warm, key=lambda pair: pair[0])[1]
+            start = {name: best.get(name, value) for name, value in start.items()}
+        mean = np.array([to_unit(d, start[d.name]) for d in dims])
         return CMA(
             mean=mean,
             sigma=self.sigma0,
@@ -167,7 +176,7 @@ class MethodwiseCmaEs(BaseSampler):
     def replay(self, method: str, history: list[FrozenTrial]):
         """The method's optimizer after telling every complete generation; returns
         (optimizer, current generation, candidates already assigned to it)."""
-        optimizer = self.new_optimizer(method)
+        optimizer = self.new_optimizer(method, history)
         popsize = optimizer.population_size
         mine = [t for t in history if t.system_attrs.get(PROPOSED_METHOD) == method
                 and record.CMA_GENERATION in t.system_attrs]

@@ -187,6 +187,15 @@ class MoEBlock(_Strict):
         return self
 
 
+class WarmStart(_Strict):
+    """The first trials of a new study: candidates a user would try first (the search starts from the
+    best of them: CMA-ES centres its first generation there)."""
+
+    sources: bool = True  # each source alone
+    uniform_soup: bool = True  # every source, equal weights
+    recipes: list[str] = Field(default_factory=list)  # recipe files (relative to the space file; models by name)
+
+
 class Pruning(_Strict):
     enabled: bool = True
     first_rung: float = Field(0.34, gt=0, lt=1)  # fraction of every task's items scored first
@@ -238,6 +247,8 @@ class SpaceConfig(_Strict):
     # More models for the held-out table, beside the winner and the sources: name -> a recipe or MoE
     # config file (e.g. another study's best.yaml), relative to this file.
     compare: dict[str, str] = Field(default_factory=dict)
+    # The first trials of a new study (true: the sources alone and the uniform soup; or a mapping).
+    warm_start: Union[bool, WarmStart] = False
 
     @field_validator("name")
     @classmethod
@@ -290,6 +301,8 @@ class SpaceConfig(_Strict):
             raise ValueError(f"tasks: each task once, got {tasks}")
         if self.objective == "weighted_sum" and not sum(t.weight for t in self.tasks) > 0:
             raise ValueError(f"tasks: the weights must sum to more than 0, got {[t.weight for t in self.tasks]}")
+        if self.warm_start and (self.moe is not None or self.sampler in SOUPS):
+            raise ValueError("warm_start: starts a search over merges; a moe: search or a soup has its own first trials")
         if self.moe is not None:
             for key in ("methods", "parameters", "stacking", "layer_schedule", "filters", "tokenizer",
                         "tokenizer_source", "mergekit_exact"):
@@ -366,6 +379,7 @@ class SearchSpace:
             raise SpaceError(f"{self._where}{exc}") from None
         self.moe_recipes = self._moe_recipes() if config.moe else {}
         self.compare = self._compare(here)
+        self.warm_recipes = self._warm_recipes(here)
         self.task_paths = tuple(str((here / p).expanduser().resolve()) for p in config.task_paths)
         self.higher_is_better = self._check_tasks()
         self.name = config.name or (source.stem if source else "study")
@@ -401,6 +415,59 @@ class SearchSpace:
             found[name] = candidate.with_models({ref: _resolve(ref, file.parent)
                                                  for ref in candidate.referenced_models()})
         return found
+
+    def _warm_recipes(self, here: Path) -> dict[str, Recipe]:
+        """The warm start's candidates, in order: {label: recipe}."""
+        warm = self.config.warm_start
+        if not warm:
+            return {}
+        warm = WarmStart() if warm is True else warm
+        found: dict[str, Recipe] = {}
+        method = self.methods[0]
+        if warm.sources or warm.uniform_soup:
+            problem = check_method(method)
+            if problem:
+                raise SpaceError(f"{self._where}warm_start: the sources alone and the soup are {method} recipes: {problem}")
+        if warm.sources:
+            found.update({f"{name} alone": self.soup_recipe([name]) for name in self.models})
+        if warm.uniform_soup and len(self.models) > 1:
+            found["uniform soup"] = self.soup_recipe(list(self.models))
+        names = {**self.models, **({self.config.base_model: self.base} if self.config.base_model else {})}
+        for i, path in enumerate(warm.recipes):
+            file = (here / path).expanduser()
+            try:
+                recipe = Recipe.from_yaml(file.read_text(encoding="utf-8"), source=f"{self._where}warm_start.recipes.{i}")
+            except OSError as exc:
+                raise SpaceError(f"{self._where}warm_start.recipes.{i}: cannot read {path}: {exc.strerror}") from None
+            if recipe.merge_method not in self.methods:
+                raise SpaceError(f"{self._where}warm_start.recipes.{i}: {recipe.merge_method} is not among methods "
+                                 f"{self.methods}")
+            found[Path(path).name] = recipe.with_models(
+                {ref: names.get(ref) or _resolve(ref, file.parent) for ref in recipe.referenced_models()})
+        return found
+
+    def values_for(self, recipe: Recipe) -> tuple[str, dict[str, float]] | None:
+        """The search point a recipe is (method, {dimension: value}), as near as the space can say:
+        each dimension takes the recipe's setting of its parameter (scalar, or one point of a
+        gradient), clipped to its range, else the middle of the range; None for a method not searched
+        or a stacking/MoE space."""
+        method = recipe.merge_method
+        if method not in self.methods or registry.get(method).copies_one_input:
+            return None
+        by_model = {entry.model: entry.parameters or {} for entry in recipe.models or []}
+        shared = recipe.parameters or {}
+        paths = self.models
+        values = self.default_values(method)
+        for dim in self.dimensions(method):
+            setting = (by_model.get(paths.get(dim.model), {}) if dim.model else shared).get(dim.param)
+            if dim.model and dim.model in paths and paths[dim.model] not in by_model and dim.param == "weight":
+                setting = dim.low  # a model the recipe leaves out weighs nothing
+            if isinstance(setting, list) and setting and all(isinstance(v, (int, float)) for v in setting):
+                setting = setting[min(len(setting) - 1, round(dim.point * (len(setting) - 1) /
+                                                               max(1, self.config.layer_schedule - 1)))]
+            if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+                values[dim.name] = min(dim.high, max(dim.low, float(setting)))
+        return method, values
 
     def _moe_recipes(self) -> dict[str, Recipe]:
         """The experts that are merge recipes, their models named as `models` (or base_model) names them."""
