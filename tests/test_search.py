@@ -3,6 +3,7 @@ the tiny family (outputs, resume, failures, kill -9, Ctrl-C)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import math
@@ -359,11 +360,27 @@ def test_the_search_shows_one_bar_and_no_evaluation_bars(tiny_family, tmp_path, 
     assert "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err
 
 
-def test_multi_objective_search_draws_a_pareto_front(tiny_family, tmp_path):
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, objective="multi", sampler="nsga2", n_trials=4))
-    summary = run_search(space, heldout=False, progress=False)
-    assert summary["directions"] == ["maximize", "maximize"]
-    assert (tmp_path / "results" / "tiny" / "pareto.png").exists()
+def test_multi_objective_results_follow_the_pareto_front(tiny_family, tmp_path):
+    """Three objectives: the front is marked in the leaderboard and summary, the winner is chosen by the
+    stated rule (`winner:`), the plot shows every pair, the held-out table scores the front."""
+    tasks = [{"task": "gsm8k", "metric": "gold_loglik", "size": 3}, {"task": "mmlu", "metric": "gold_loglik", "size": 4},
+             {"task": "humaneval", "metric": "gold_loglik", "size": 2}]
+    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, objective="multi", n_trials=6, tasks=tasks,
+                                         winner="mmlu", heldout=[{"task": "mmlu", "metric": "gold_loglik", "size": 3}]))
+    summary = run_search(space, progress=False)
+    assert summary["directions"] == ["maximize"] * 3 and summary["winner_rule"] == "mmlu"
+    study = optuna.load_study(study_name="tiny", storage=summary["storage"])
+    front = sorted(t.number for t in study.best_trials)
+    assert summary["pareto_front"] == front
+    on_front = [t for t in study.trials if t.number in front]
+    assert summary["best"]["trial"] == max(on_front, key=lambda t: t.user_attrs["scores"]["mmlu"]).number
+    results = tmp_path / "results" / "tiny"
+    rows = list(csv.DictReader(open(results / "leaderboard.csv")))
+    assert sorted(int(r["trial"]) for r in rows if r["pareto_front"] == "True") == front
+    assert "Pareto front" in (results / "leaderboard.md").read_text()
+    held = summary["heldout"]["rows"]
+    assert {f"front trial {n}" for n in front if n != summary["best"]["trial"]} <= set(held)
+    assert (results / "pareto.png").exists() and (results / "importances.png").exists()
 
 
 def _search_process(space_file: Path, log: Path) -> subprocess.Popen:

@@ -90,31 +90,43 @@ def task_scores(study: optuna.Study, tasks: list[str], path: Path, references: d
     _save(fig, path)
 
 
-def importances(study: optuna.Study, path: Path) -> None:
-    """fANOVA importances over the completed trials of the best method (its own dimensions)."""
+def importances(study: optuna.Study, path: Path, tasks: list[str] | None = None) -> None:
+    """fANOVA importances over the completed trials of the best method (its own dimensions); with
+    several objectives, one bar per objective."""
     completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    objectives = len(study.directions)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     message = None
-    if len(study.directions) == 1 and len(completed) >= 4:
-        best = max(completed, key=lambda t: t.value)
+    if len(completed) >= 4:
+        best = max(completed, key=lambda t: sum(t.values) / len(t.values))
         method = TrialRecord.of(best).method
         params = [p for p in best.params if p != "method"]
         same = [t for t in completed if TrialRecord.of(t).method == method and set(params) <= set(t.params)]
+        per_objective: list[dict[str, float]] = []
         try:
-            sub = optuna.create_study(direction="maximize")
-            sub.add_trials(optuna.trial.create_trial(params={p: t.params[p] for p in params},
-                                                     distributions={p: t.distributions[p] for p in params},
-                                                     value=t.value) for t in same)
-            values = optuna.importance.get_param_importances(sub, params=params) if params else {}
+            for i in range(objectives):
+                sub = optuna.create_study(direction="maximize")
+                sub.add_trials(optuna.trial.create_trial(params={p: t.params[p] for p in params},
+                                                         distributions={p: t.distributions[p] for p in params},
+                                                         value=t.values[i]) for t in same)
+                per_objective.append(optuna.importance.get_param_importances(sub, params=params) if params else {})
         except (RuntimeError, ValueError) as exc:
-            values, message = {}, f"importances unavailable: {exc}"
-        if values:
-            names = list(values)[:20][::-1]
-            ax.barh([dimension_label(n) for n in names], [values[n] for n in names])
+            per_objective, message = [], f"importances unavailable: {exc}"
+        if per_objective and per_objective[0]:
+            names = list(per_objective[0])[:20][::-1]
+            height = 0.8 / len(per_objective)
+            for i, values in enumerate(per_objective):
+                ax.barh([n + (i - (len(per_objective) - 1) / 2) * height for n in range(len(names))],
+                        [values.get(n, 0.0) for n in names], height=height,
+                        label=(tasks[i] if tasks and len(tasks) == objectives else f"objective {i + 1}")
+                        if objectives > 1 else None)
+            ax.set_yticks(range(len(names)), [dimension_label(n) for n in names])
             ax.set_xlabel("importance (fANOVA)")
             ax.set_title(f"{study.study_name}: what mattered ({method}, {len(same)} trials)")
+            if objectives > 1:
+                ax.legend(fontsize=8)
     else:
-        message = "importances need at least 4 completed trials (single objective)"
+        message = f"importances need at least 4 completed trials ({len(completed)} so far)"
     if message or not ax.has_data():
         ax.axis("off")
         ax.text(0.5, 0.5, message or "no searched parameters", ha="center", va="center")
@@ -122,17 +134,27 @@ def importances(study: optuna.Study, path: Path) -> None:
 
 
 def pareto(study: optuna.Study, tasks: list[str], path: Path) -> None:
+    """Every pair of objectives (a scatter matrix), the Pareto front marked in each panel: with three
+    or more objectives a front point can look dominated in one pair and not be."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front = {t.number for t in study.best_trials}
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.scatter([t.values[0] for t in completed], [t.values[1] for t in completed], s=14, color="lightgrey",
-               label="trials")
+    k = len(study.directions)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    cols = min(3, len(pairs))
+    rows = (len(pairs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.2 * rows), squeeze=False)
     best = [t for t in completed if t.number in front]
-    ax.scatter([t.values[0] for t in best], [t.values[1] for t in best], s=24, color="crimson", label="Pareto front")
-    ax.set_xlabel(tasks[0])
-    ax.set_ylabel(tasks[1])
-    ax.set_title(f"{study.study_name}: Pareto front ({tasks[0]} vs {tasks[1]})")
-    ax.legend(fontsize=8)
+    for ax, (i, j) in zip(axes.flat, pairs):
+        ax.scatter([t.values[i] for t in completed], [t.values[j] for t in completed], s=14, color="lightgrey",
+                   label="trials")
+        ax.scatter([t.values[i] for t in best], [t.values[j] for t in best], s=24, color="crimson",
+                   label=f"Pareto front ({len(best)}, over all {k} objectives)")
+        ax.set_xlabel(tasks[i])
+        ax.set_ylabel(tasks[j])
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    fig.suptitle(f"{study.study_name}: every pair of objectives")
     _save(fig, path)
 
 

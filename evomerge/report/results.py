@@ -44,12 +44,29 @@ def completed(study: optuna.Study) -> list[TrialRecord]:
     return [r for r in records if r.complete]
 
 
+def winner_rule(study: optuna.Study) -> str:
+    """How a multi-objective study picks its winner on the Pareto front: `mean` (of the objectives) or a
+    task's name (the front's best on that task), from the study's space (`winner:`)."""
+    return study.user_attrs.get("winner_rule") or (study.user_attrs.get(STUDY_SPACE) or {}).get("winner") or "mean"
+
+
+def pareto_front(study: optuna.Study) -> list[int]:
+    """Trial numbers on the Pareto front (multi-objective), in trial order; [] for one objective."""
+    if len(study.directions) < 2:
+        return []
+    return sorted(t.number for t in study.best_trials)
+
+
 def best_trial(study: optuna.Study) -> TrialRecord | None:
-    """The winner: the best value, or (multi-objective) the Pareto-front trial with the best mean."""
+    """The winner: the best value, or (multi-objective) the Pareto-front trial chosen by the study's
+    rule (`winner_rule`: the best mean of the objectives, or the best on one task)."""
     records = completed(study)
     if len(study.directions) > 1:
-        front = {t.number for t in study.best_trials}
+        front = set(pareto_front(study))
         records = [r for r in records if r.number in front]
+        rule = winner_rule(study)
+        if records and rule != "mean":
+            return max(records, key=lambda r: r.scores.get(rule, -math.inf))
     if not records:
         return None
     return max(records, key=lambda r: r.score)
@@ -77,13 +94,14 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
     _leaderboard(study, results_dir, task_names, rename or {})
     plots.history(study, results_dir / "history.png", references=references)
     plots.task_scores(study, task_names, results_dir / "tasks.png", references=references)
-    plots.importances(study, results_dir / "importances.png")
+    plots.importances(study, results_dir / "importances.png", task_names)
     if len(study.directions) > 1:
         plots.pareto(study, task_names, results_dir / "pareto.png")
     summary = {
         "study": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
         "trials": states,
+        **({"pareto_front": pareto_front(study), "winner_rule": winner_rule(study)} if len(study.directions) > 1 else {}),
         "best": None if best is None else {
             "trial": best.number, "value": best.score, "method": best.method,
             "scores": best.scores, "recipe": "best.yaml",
@@ -116,19 +134,29 @@ def pruning_savings(study: optuna.Study) -> dict[str, Any]:
 
 def _leaderboard(study: optuna.Study, results_dir: Path, task_names: list[str], rename: dict[str, str]) -> None:
     rows = ranked(study)
+    front = set(pareto_front(study))
+    multi = len(study.directions) > 1
     with open(results_dir / "leaderboard.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["rank", "trial", "score", "method", *task_names, "seconds", "cpu_seconds", "recipe"])
+        writer.writerow(["rank", "trial", "score", "method", *task_names, *(["pareto_front"] if multi else []),
+                         "seconds", "cpu_seconds", "recipe"])
         for rank, r in enumerate(rows, 1):
             writer.writerow([rank, r.number, f"{r.score:.6f}", r.label,
-                             *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names), r.seconds, r.cpu_seconds,
+                             *(f"{r.scores.get(task, math.nan):.6f}" for task in task_names),
+                             *([r.number in front] if multi else []), r.seconds, r.cpu_seconds,
                              load_candidate(r.recipe).with_models(rename).to_yaml() if rename else r.recipe])
-    header = ["rank", "trial", "score", "method", *task_names, "parameters"]
+    header = ["rank", "trial", "score", "method", *task_names, *(["front"] if multi else []), "parameters"]
     table = []
     for rank, r in enumerate(rows[:20], 1):
         table.append([rank, r.number, f"{r.score:.4f}", r.label,
-                      *(f"{r.scores.get(task, math.nan):.4f}" for task in task_names), _compact(r.params)])
+                      *(f"{r.scores.get(task, math.nan):.4f}" for task in task_names),
+                      *(["★" if r.number in front else ""] if multi else []), _compact(r.params)])
     text = f"# Leaderboard: {study.study_name}\n\nTop {len(table)} of {len(rows)} completed trials (higher is better). "
+    if multi:
+        rule = winner_rule(study)
+        text += (f"Several objectives: score is their mean; ★ marks the {len(front)} trials on the Pareto front "
+                 f"(no other trial is at least as good on every task and better on one); the winner is the front's "
+                 f"{'best mean' if rule == 'mean' else f'best on {rule}'} (`winner:` in space.yaml). ")
     text += "Full recipes: leaderboard.csv; the winner: best.yaml.\n\n" + markdown_table(header, table)
     (results_dir / "leaderboard.md").write_text(text, encoding="utf-8")
 

@@ -32,6 +32,8 @@ from evomerge.trials import STUDY_SPACE, study_task_names
 
 log = logging.getLogger(__name__)
 
+MAX_FRONT_HELDOUT = 6  # other Pareto-front trials scored on the held-out split beside the winner
+
 __all__ = ["SearchJob", "SearchSpace", "Searcher", "run", "run_search", "run_worker", "dry_run", "memory_plan",
            "evaluate_heldout", "write_report", "worker_environment"]
 
@@ -90,7 +92,7 @@ def run(job: SearchJob) -> dict[str, Any]:
 def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: dict[str, Any]) -> dict[str, Any]:
     """The best trial's held-out scores (when asked), then the results folder."""
     from evomerge.device import resolve_device
-    from evomerge.report.results import best_trial, write_results
+    from evomerge.report.results import best_trial, completed, pareto_front, write_results
     from evomerge.search.reproduce import record
 
     best = best_trial(study)
@@ -104,9 +106,15 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
 
         log.info("scoring the source models on the search split (the plots' reference lines)")
         references = source_search_scores(searcher.space, load, device=device)
-        log.info("scoring the winner (trial %d) and the source models on the held-out split", best.number)
-        held = evaluate_heldout(searcher.space, load, load_candidate(best.recipe),
-                                device=device) | {"trial": best.number}
+        front = [r for r in completed(study) if r.number in set(pareto_front(study)) and r.number != best.number]
+        others = {f"front trial {r.number}": load_candidate(r.recipe) for r in front[:MAX_FRONT_HELDOUT]}
+        if len(front) > MAX_FRONT_HELDOUT:
+            log.info("held-out: %d of the %d other Pareto-front trials (`evomerge export --trial N` for any)",
+                     MAX_FRONT_HELDOUT, len(front))
+        log.info("scoring the winner (trial %d)%s and the source models on the held-out split", best.number,
+                 f", {len(others)} other Pareto-front trial(s)" if others else "")
+        held = evaluate_heldout(searcher.space, load, load_candidate(best.recipe), device=device,
+                                others=others) | {"trial": best.number}
     applied = searcher.evaluator.apply_chat_template if searcher.evaluator is not None else None
     extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=device),
              "apply_chat_template": {"setting": searcher.space.config.apply_chat_template, "applied": applied}}

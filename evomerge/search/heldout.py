@@ -131,14 +131,14 @@ def source_search_scores(space: SearchSpace, load: Callable[[], tuple[Any, Any]]
 
 
 def evaluate_heldout(space: SearchSpace, load: Callable[[], tuple[Any, Any]], best_recipe: Candidate, *,
-                     device: str) -> dict[str, Any]:
-    """Scores the winner, the space's `compare:` models and every source (item by item; cached), and
-    compares the winner with each on the same items."""
+                     device: str, others: dict[str, Candidate] | None = None) -> dict[str, Any]:
+    """Scores the winner, `others` (e.g. the rest of a Pareto front), the space's `compare:` models and
+    every source (item by item; cached), and compares the winner with each on the same items."""
     columns = [f"{e.task}/{e.metric}" for e in space.heldout_entries()]
     groups: dict[str, list[str]] = {}
     for e in space.heldout_entries():
         groups.setdefault(e.metric, []).append(f"{e.task}/{e.metric}")
-    candidates = {"winner": best_recipe, **space.compare, **source_recipes(space)}
+    candidates = {"winner": best_recipe, **(others or {}), **space.compare, **source_recipes(space)}
     found = score_models(space, load, candidates, split="heldout", device=device)
     rows: dict[str, Any] = {}
     items: dict[str, dict[str, list[float]]] = {}

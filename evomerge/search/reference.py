@@ -51,6 +51,7 @@ DESCRIPTIONS = {
     "heldout.subjects": "as tasks.subjects",
     "task_paths": "folders of your own lm-eval task YAMLs (relative to this file), searched first",
     "objective": "weighted_sum (one value) or multi (one per task, a Pareto front)",
+    "winner": "with objective: multi, the Pareto-front trial called the winner: mean (best mean) or a task's name",
     "sampler": "cmaes | tpe | random | nsga2 | greedy_soup | uniform_soup (default cmaes; nsga2 with objective: multi)",
     "n_trials": "trial budget (n_trials or timeout is required, except for soups)",
     "timeout": "seconds the search may run",

@@ -158,6 +158,8 @@ class Searcher:
             )
         elif existing != fingerprint:  # recorded by path, before: recorded as the space names its models now
             study.set_user_attr(record.STUDY_FINGERPRINT, fingerprint)
+        if config.objective == "multi" and study.user_attrs.get("winner_rule") != config.winner:
+            study.set_user_attr("winner_rule", config.winner)  # the space's rule now (not part of what is searched)
         return study
 
     def _enqueue_warm_start(self, study: optuna.Study) -> None:

@@ -218,6 +218,8 @@ class SpaceConfig(_Strict):
     # Folders of lm-eval task YAMLs (relative to this file), searched before the built-ins and lm-eval's own.
     task_paths: list[str] = Field(default_factory=list)
     objective: Literal["weighted_sum", "multi"] = "weighted_sum"
+    # objective: multi: which Pareto-front trial is the winner: the best mean of the objectives, or a task's best.
+    winner: str = "mean"
     # default: cmaes, or nsga2 with objective: multi
     sampler: Literal["cmaes", "tpe", "random", "nsga2", "greedy_soup", "uniform_soup"] = "cmaes"
     n_trials: Optional[int] = Field(None, ge=1)
@@ -291,6 +293,8 @@ class SpaceConfig(_Strict):
             self.sampler = "nsga2"  # the default sampler for several objectives
         if self.objective == "multi" and len(self.tasks) < 2:
             raise ValueError("objective: multi needs at least two tasks")
+        if self.winner != "mean" and self.winner not in [t.task for t in self.tasks]:
+            raise ValueError(f"winner: mean or one of the tasks ({', '.join(t.task for t in self.tasks)}), got {self.winner!r}")
         names = [m.name if isinstance(m, ModelEntry) else m for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: names must be unique, got {names}")
