@@ -173,7 +173,8 @@ def _reproduce(args: argparse.Namespace) -> int:
               f"{'missing' if difference is None else f'{difference:.3g}'}")
     print(f"{report['reproduced']} of {report['trials']} trials reproduced within {report['tolerance']:g} "
           f"(largest difference {report['largest_difference']}); inputs changed: "
-          f"{', '.join(report['changed_inputs']) or 'none'}; written to {args.reproduce}/reproduce.md")
+          f"{', '.join(report['changed_inputs']) or 'none'}; environment changed: "
+          f"{', '.join(report['environment']) or 'none'}; written to {args.reproduce}/reproduce.md")
     return 0 if report["reproduced"] == report["trials"] and not report["changed_inputs"] else 1
 
 

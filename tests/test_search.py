@@ -770,10 +770,22 @@ def test_reproduce_reruns_a_finished_study_and_reports_each_trials_difference(ti
     assert report["reproduced"] < 5 and report["largest_difference"] >= 1e-3 * 0.99
     monkeypatch.setattr(Evaluator, "evaluate", original)
 
+    true_digest = summary["reproduce"]["items_sha256"]["search"]["mmlu/gold_loglik"]
     summary["reproduce"]["items_sha256"]["search"]["mmlu/gold_loglik"] = "0" * 64
     (results / "summary.json").write_text(json.dumps(summary))
     assert main(["search", "--reproduce", str(results), "-q"]) == 1
-    assert "inputs changed: items_sha256" in capsys.readouterr().out
+    assert "inputs changed: items: search/mmlu/gold_loglik 000000000000 -> " in capsys.readouterr().out
+
+    # another library version or machine is said, with both values, and fails nothing by itself
+    summary["reproduce"]["items_sha256"]["search"]["mmlu/gold_loglik"] = true_digest
+    summary["reproduce"]["versions"]["transformers"] = "5.23.0"
+    summary["reproduce"]["hardware"]["cpu"] = "another CPU"
+    (results / "summary.json").write_text(json.dumps(summary))
+    assert main(["search", "--reproduce", str(results), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs changed: none" in out and "versions: transformers 5.23.0 -> " in out
+    assert "hardware: cpu another CPU -> " in out
+    assert record["space_dir"] == "../.." and record["hardware"]["cores"] >= 1  # results/tiny -> the space's folder
 
 
 def test_export_writes_exactly_what_merge_writes_with_the_search_in_its_card(tiny_family, tmp_path, capsys):

@@ -116,7 +116,8 @@ def _finish(searcher: Searcher, study: optuna.Study, *, heldout: bool, extra: di
         held = evaluate_heldout(searcher.space, load, load_candidate(best.recipe), device=device,
                                 others=others) | {"trial": best.number}
     applied = searcher.evaluator.apply_chat_template if searcher.evaluator is not None else None
-    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=device),
+    extra = {**extra, "reproduce": record(searcher.space, threads=searcher.threads, device=device,
+                                           results_dir=searcher.results_dir),
              "apply_chat_template": {"setting": searcher.space.config.apply_chat_template, "applied": applied}}
     return write_results(study, searcher.results_dir, task_names=searcher.space.task_names, heldout=held,
                          references=references, extra=extra, rename=searcher.space.portable_refs)

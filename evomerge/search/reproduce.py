@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,10 +65,71 @@ def items_record(space: SearchSpace) -> tuple[dict[str, dict[str, str]], dict[st
     return digests, described
 
 
-def record(space: SearchSpace, *, threads: int, device: str) -> dict[str, Any]:
+NUMERIC_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "lm_eval", "datasets", "numpy",
+                    "optuna", "cmaes", "safetensors")  # the libraries whose version can change a score
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from evomerge import __version__
+
+    found = {"evomerge": __version__, "python": platform.python_version()}
+    for name in NUMERIC_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def hardware(device: str) -> dict[str, Any]:
+    """What computed the scores: CPU model and cores, and the GPU when one did."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    found: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return found
+
+
+def record(space: SearchSpace, *, threads: int, device: str, results_dir: Path | None = None) -> dict[str, Any]:
     digests, described = items_record(space)
-    return {"space": space.config.model_dump(mode="json"), "seed": space.config.seed, "threads": threads,
-            "device": device, "sources_sha256": sources_sha256(space), "items_sha256": digests, "items": described}
+    found = {"space": space.config.model_dump(mode="json"), "seed": space.config.seed, "threads": threads,
+             "device": device, "sources_sha256": sources_sha256(space), "items_sha256": digests, "items": described,
+             "versions": package_versions(), "hardware": hardware(device)}
+    if space.source is not None and results_dir is not None:  # relative paths of the space resolve from there
+        found["space_dir"] = os.path.relpath(Path(space.source).resolve().parent, Path(results_dir).resolve())
+    return found
+
+
+def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between a recorded input and today's, each named with both values: a source's
+    weights, a split's items, a library's version, the hardware."""
+    found = []
+    for key in ("sources_sha256", "items_sha256", "versions", "hardware"):
+        before, after = saved.get(key), now.get(key)
+        if before is None or before == after:
+            continue
+        flat_before, flat_after = _flat(before), _flat(after)
+        for name in sorted(set(flat_before) | set(flat_after)):
+            a, b = flat_before.get(name), flat_after.get(name)
+            if a != b:
+                shown = (lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v)  # noqa: E731
+                found.append(f"{key.removesuffix('_sha256')}: {name} {shown(a)} -> {shown(b)}")
+    return found
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, inner in value.items() for k, v in _flat(inner, f"{prefix}{key}/").items()}
+    return {prefix.rstrip("/"): value}
 
 
 def _trials(study: optuna.Study) -> dict[int, TrialRecord]:
@@ -113,20 +176,25 @@ def reproduce(results_dir: str | Path, *, device: str | None = None, threads: in
                             "rerun the search to write one")
     if summary.get("this_run", {}).get("workers", 1) > 1:
         log.warning("this study ran with several workers: trial order, hence proposals, may differ")
-    space = SearchSpace.from_dict(saved["space"])
+    space_file = folder / saved["space_dir"] / "space.yaml" if saved.get("space_dir") else None
+    space = SearchSpace.from_dict(saved["space"], source=space_file)
     original = _trials(study)
 
-    checks = {"sources_sha256": sources_sha256(space), "items_sha256": items_record(space)[0]}
-    changed = [key for key in checks if checks[key] != saved.get(key)]
-    for key in changed:
-        log.warning("%s differ from the record: %s vs %s", key, checks[key], saved.get(key))
+    now = {"sources_sha256": sources_sha256(space), "items_sha256": items_record(space)[0],
+           "versions": package_versions(), "hardware": hardware(device or saved.get("device") or "cpu")}
+    found = changes(saved, now)
+    for line in found:
+        log.warning("differs from the record: %s", line)
+    # the inputs (models, items) must be the same; the environment (versions, hardware) is why scores may move
+    changed = [line for line in found if line.startswith(("sources:", "items:"))]
+    environment = [line for line in found if line not in changed]
     with tempfile.TemporaryDirectory(prefix="evomerge-reproduce-") as scratch:
         searcher = Searcher(space, results_root=scratch, device=device or saved.get("device"), progress=progress,
                             threads=threads)
         outcome = searcher.run(n_trials=len(original))
         again = _trials(outcome.study)
     rows = compare(original, again, tolerance)
-    report = {"study": summary["study"], "tolerance": tolerance, "changed_inputs": changed,
+    report = {"study": summary["study"], "tolerance": tolerance, "changed_inputs": changed, "environment": environment,
               "trials": len(rows), "reproduced": sum(r["ok"] for r in rows),
               "largest_difference": max((r["largest_difference"] for r in rows if r["largest_difference"] is not None),
                                         default=None),
@@ -138,6 +206,7 @@ def reproduce(results_dir: str | Path, *, device: str | None = None, threads: in
                             for r in rows])
     (folder / "reproduce.md").write_text(
         f"# Reproduction of study `{summary['study']}`\n\n{report['reproduced']} of {len(rows)} trials reproduced "
-        f"(same parameters and state, scores within {tolerance:g}); inputs changed: {', '.join(changed) or 'none'}.\n\n"
+        f"(same parameters and state, scores within {tolerance:g}); inputs changed: {', '.join(changed) or 'none'}; "
+        f"environment changed: {', '.join(environment) or 'none'}.\n\n"
         f"{table}\n", encoding="utf-8")
     return report
