@@ -78,26 +78,34 @@ class OutputArchitecture:
         """The MoE's transformers config, from the base's (mergekit-moe's choices)."""
         import transformers
 
+        def fields(config) -> dict:
+            # without the source's model_type: kept as an attribute, it would make transformers save the
+            # MoE under the source architecture's tensor names (fused experts instead of one per expert)
+            return {k: v for k, v in config.to_dict().items() if k != "model_type"}
+
         if self.name == "Mixtral":
             if not isinstance(base, transformers.MistralConfig):
-                mistral = transformers.MistralConfig(**base.to_dict())
+                mistral = transformers.MistralConfig(**fields(base))
                 mistral.sliding_window = None
                 mistral.max_position_embeddings = base.max_position_embeddings
                 base = mistral
-            out = transformers.MixtralConfig(**base.to_dict())
+            out = transformers.MixtralConfig(**fields(base))
             out.architectures = ["MixtralForCausalLM"]
             out.num_local_experts = experts
             out.num_experts_per_tok = per_token
             out.sliding_window = None
         elif self.name == "Qwen MoE":
-            out = transformers.Qwen2MoeConfig(**base.to_dict())
+            out = transformers.Qwen2MoeConfig(**fields(base))
             out.architectures = ["Qwen2MoeForCausalLM"]
             out.num_experts, out.num_experts_per_tok = experts, per_token
             out.decoder_sparse_step, out.norm_topk_prob = 1, True
-            out.sliding_window, out.use_sliding_window = None, False
+            # No sliding window (use_sliding_window false, every layer full attention), but a width for
+            # it: transformers 5's Qwen MoE builds the sliding mask for every batch and refuses a padded
+            # batch without one (mergekit-moe writes null, which then fails batched inference)
+            out.sliding_window, out.use_sliding_window = out.max_position_embeddings, False
             out.shared_expert_intermediate_size = out.moe_intermediate_size = out.intermediate_size
         elif self.name == "Qwen3 MoE":
-            out = transformers.Qwen3MoeConfig(**base.to_dict())
+            out = transformers.Qwen3MoeConfig(**fields(base))
             out.architectures = ["Qwen3MoeForCausalLM"]
             out.num_experts, out.num_experts_per_tok = experts, per_token
             out.decoder_sparse_step, out.norm_topk_prob = 1, True
@@ -139,8 +147,17 @@ def select_architecture(config: MoEConfig, types: dict[str, str]) -> OutputArchi
                              f"{', '.join(a.name for a in ARCHITECTURES)}")
     fits = [a for a in wanted if a.problem(config, types) is None]
     if not fits:
-        likely = next((a for a in wanted if a.name == ("Qwen MoE" if config.shared_experts else "Mixtral")), wanted[0])
-        raise MoEConfigError(likely.problem(config, types))
+        # the likely one: asked for, else one that takes the base's architecture (Mixtral first), else by
+        # the shared experts
+        candidates = [a for a in wanted if types["base_model"] in a.inputs] or wanted
+        count = len(config.shared_experts or [])
+        likely = next((a for a in candidates if a.shared[0] <= count <= a.shared[1]), candidates[0])
+        problem = likely.problem(config, types)
+        if likely.name == "Qwen MoE" and not config.shared_experts:
+            problem += (f"; {types['base_model']} experts make a Qwen MoE, which needs one shared expert: add "
+                        "shared_experts: [{source_model: ..., positive_prompts: [...]}] (in a moe: search, moe.shared: "
+                        "a name in models, gated by the prompt set of that name)")
+        raise MoEConfigError(problem)
     chosen = next((a for a in fits if a.name == "Mixtral"), fits[0])
     if not chosen.loadable:
         chosen.output_config(None, 0, 0)  # raises, naming what to set instead

@@ -252,6 +252,7 @@ def dry_run(space: SearchSpace, count: int = 3) -> list[Candidate]:
         names = list(space.models)
         first = [[name] for name in names] if space.soup == "greedy_soup" else [names]
         return [space.soup_recipe(members) for members in first[:count]]
+    space.check_moe(missing_ok=True)
     study = optuna.create_study(directions=["maximize"] * space.objectives, sampler=make_sampler(space))
     layers = {path: locate(path).num_layers for path in space.models.values()} if space.config.stacking else None
     recipes = []

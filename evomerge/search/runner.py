@@ -180,6 +180,7 @@ class Searcher:
             from evomerge.demo.family import build_referenced
 
             build_referenced(self.space.family_refs, device=self.device, progress=self.progress)  # no-op once built
+        self.space.check_moe()  # a MoE no architecture can build is refused now, not trial by trial
         refs = list(dict.fromkeys([*([self.space.base] if self.space.base else []), *self.space.models.values()]))
         self.engine = MergeEngine(refs, base_model=self.space.base, device=self.device, dtype=config.dtype,
                                   out_dtype=config.out_dtype, tokenizer=self.space.tokenizer,

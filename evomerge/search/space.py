@@ -136,6 +136,9 @@ class MoEBlock(_Strict):
     prompts: dict[str, PromptSet] = Field(default_factory=dict)  # the pool; each expert's own set by its name
     gate_scale: Optional[GateScale] = None
     architecture: Optional[str] = None
+    # A shared expert every token passes through (a name in `models`; Qwen MoE needs one, gated by the
+    # prompt set named after it).
+    shared: Optional[str] = None
 
     @property
     def names(self) -> list[str]:
@@ -171,6 +174,10 @@ class MoEBlock(_Strict):
             raise ValueError("experts_per_token: must be at least 1")
         if k.high > sizes.high:
             raise ValueError(f"experts_per_token: {k.high} is more than the {sizes.high} experts a candidate has")
+        if self.shared is not None and self.shared in names:
+            raise ValueError(f"shared: '{self.shared}' is a routed expert too; a shared expert is another model")
+        if prompted and self.shared is not None and self.shared not in self.prompts:
+            raise ValueError(f"prompts: the shared expert is gated by prompts; give the prompt set '{self.shared}'")
         if prompted:
             missing = [n for n in names if n not in self.prompts]
             if missing:
@@ -321,6 +328,8 @@ class SpaceConfig(_Strict):
             for i, expert in enumerate(self.moe.experts):
                 if isinstance(expert, str) and expert not in known:
                     raise ValueError(f"moe.experts.{i}: '{expert}' is not a name in models ({', '.join(known)})")
+            if self.moe.shared is not None and self.moe.shared not in known:
+                raise ValueError(f"moe.shared: '{self.moe.shared}' is not a name in models ({', '.join(known)})")
             return self
         copying = [m for m in self.methods if registry.get(m).copies_one_input]
         if self.stacking is not None and (len(self.methods) != 1 or not copying):
@@ -765,7 +774,7 @@ class SearchSpace:
             add(None, "experts_per_token", k.low, k.high + 1 - 1e-6)
         if len(moe.modes) > 1:
             add(None, "gate_mode")
-        if len(moe.prompts) > 1 and any(m in PROMPTED for m in moe.modes):
+        if len([n for n in moe.prompts if n != moe.shared]) > 1 and any(m in PROMPTED for m in moe.modes):
             for name in moe.names:
                 add(name, "prompts")
         if moe.gate_scale:
@@ -790,7 +799,7 @@ class SearchSpace:
         modes = moe.modes
         mode = modes[min(len(modes) - 1, int(values[name_of(None, "gate_mode")] * len(modes)))] \
             if len(modes) > 1 else modes[0]
-        pool = list(moe.prompts)
+        pool = [name for name in moe.prompts if name != moe.shared]  # the shared expert keeps its own set
         taken: set[int] = set()
         experts = []
         for name in chosen:
@@ -815,9 +824,37 @@ class SearchSpace:
             experts.append(entry)
         config = {"base_model": self.base, "gate_mode": mode, "dtype": self.config.out_dtype or self.config.dtype,
                   "experts_per_token": min(per_token, len(experts)), "experts": experts}
+        if moe.shared is not None:
+            shared: dict[str, Any] = {"source_model": self.models[moe.shared]}
+            if mode in PROMPTED:
+                shared["positive_prompts"] = list(moe.prompts[moe.shared].positive)
+                if moe.prompts[moe.shared].negative:
+                    shared["negative_prompts"] = list(moe.prompts[moe.shared].negative)
+            config["shared_experts"] = [shared]
         if moe.architecture:
             config["architecture"] = moe.architecture
         return MoEConfig.from_dict(config, source="moe candidate")
+
+    def check_moe(self, *, missing_ok: bool = False) -> None:
+        """A `moe:` search's models make an output architecture (read from their configs, nothing
+        loaded): refused before trial 1, naming what to set, instead of failing every trial.
+        `missing_ok`: models not on this machine are not checked (a dry run of another box's space)."""
+        if self.config.moe is None:
+            return
+        from evomerge.checkpoint import locate
+        from evomerge.engine.moe import check_inputs
+
+        candidate = self.recipe(MOE, self.default_values(MOE))
+        try:
+            sources = {ref: locate(ref) for ref in candidate.referenced_models()}
+        except EvomergeError:
+            if missing_ok:
+                return
+            raise
+        try:
+            check_inputs(candidate, sources)
+        except EvomergeError as exc:
+            raise SpaceError(f"{self._where}moe: {exc}") from None
 
     def moe_prompt_sets(self) -> list[tuple[str, list[str], list[str] | None]]:
         """(gate mode, positive, negative) of every prompt set a `moe:` search may route with: their
