@@ -368,6 +368,10 @@ LINEAR = "merge_method: linear\nmodels: [{{model: {base}, parameters: {{weight: 
     ("holds_source", "would overwrite source model"),  # OUT_DIR contains a source
     ("file", "is an existing file, not a folder"),
     ("foreign", "exists and holds files that are not an earlier merge"),
+    # an earlier merge beside the user's own files: neither is deleted
+    ("merge_and_notes", "an earlier merge, but it also holds evals, notes.md, which evomerge did not write"),
+    ("proc", "cannot write a folder there"),
+    ("long_name", "cannot write a folder there"),
 ])
 def test_out_dir_never_loses_a_source_or_a_file(where, message, tmp_path, capsys):
     from evomerge.demo.tiny import build_tiny_family
@@ -377,9 +381,18 @@ def test_out_dir_never_loses_a_source_or_a_file(where, message, tmp_path, capsys
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("years of work")
     (tmp_path / "a_file").write_text("keep me")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name, text in (("mergekit_config.yml", "merge_method: linear\n"), ("notes.md", "my notes"),
+                       ("model.safetensors", "x")):
+        (earlier / name).write_text(text)
+    (earlier / "evals").mkdir()
+    (earlier / "evals" / "mmlu.json").write_text("{}")
     out = {"source": family["ft_math"], "inside_source": str(Path(family["ft_math"]) / "merged"),
-           "holds_source": str(tmp_path / "family"), "file": str(tmp_path / "a_file"), "foreign": str(foreign)}[where]
-    before = {p: _fingerprint(Path(p)) for p in (family["base"], family["ft_math"], str(foreign))}
+           "holds_source": str(tmp_path / "family"), "file": str(tmp_path / "a_file"), "foreign": str(foreign),
+           "merge_and_notes": str(earlier), "proc": "/proc/evomerge-out",
+           "long_name": str(tmp_path / ("x" * 300))}[where]
+    before = {p: _fingerprint(Path(p)) for p in (family["base"], family["ft_math"], str(foreign), str(earlier))}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(LINEAR.format(base=family["base"], math=family["ft_math"]))
     assert main(["merge", str(recipe), out, "--device", "cpu", "-q"]) == 2
@@ -390,15 +403,44 @@ def test_out_dir_never_loses_a_source_or_a_file(where, message, tmp_path, capsys
 
 
 def test_a_merge_replaces_an_earlier_merge_whole(tiny_family, tmp_path):
-    """An earlier output is replaced only once the new one is complete (written beside, then renamed)."""
+    """An earlier output is replaced only once the new one is complete (written beside, then renamed),
+    and only when it holds nothing but what a merge writes."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(LINEAR.format(base=tiny_family["base"], math=tiny_family["ft_math"]))
     out = tmp_path / "merged"
     assert main(["merge", str(recipe), str(out), "--device", "cpu", "-q"]) == 0
-    (out / "stale.txt").write_text("from the earlier merge")
+    written = _fingerprint(out)
+    (out / "model.safetensors").write_bytes(b"an older merge's weights")
     assert main(["merge", str(recipe), str(out), "--device", "cpu", "-q"]) == 0
-    assert (out / "model.safetensors").exists() and not (out / "stale.txt").exists()
+    assert _fingerprint(out) == written
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []  # no scratch left
+
+
+@pytest.mark.parametrize("killed", ["after_the_old_moved_aside", "after_the_new_moved_in", "while_writing"])
+def test_a_replacement_killed_at_any_point_leaves_a_whole_folder(killed, tiny_family, tmp_path):
+    """SIGKILL during the swap (simulated by what it leaves: scratch folders of a process that is gone):
+    the next run finds the old folder or the new one whole, removes the rest, and writes."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LINEAR.format(base=tiny_family["base"], math=tiny_family["ft_math"]))
+    out = tmp_path / "merged"
+    assert main(["merge", str(recipe), str(out), "--device", "cpu", "-q"]) == 0
+    whole = _fingerprint(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid no process has any more
+    partial = tmp_path / f".merged.partial-{dead}-abc"
+    shutil.copytree(out, partial)
+    (partial / "model.safetensors").write_bytes(b"half")
+    if killed == "after_the_old_moved_aside":
+        os.replace(out, tmp_path / f".merged.old-{dead}-def")
+        assert not out.exists()
+    elif killed == "after_the_new_moved_in":
+        shutil.copytree(out, tmp_path / f".merged.old-{dead}-def")
+    from evomerge.paths import recover_directory
+
+    recover_directory(out)
+    assert _fingerprint(out) == whole  # the old folder, whole, back in place
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+    assert main(["merge", str(recipe), str(out), "--device", "cpu", "-q"]) == 0 and _fingerprint(out) == whole
 
 
 def test_bad_input_prints_no_traceback(tiny_family, bad_sources, tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -135,19 +137,49 @@ from `{config.base_model}`, each expert's MLP from its source, {config.experts_p
 """
 
 
+# What a checkpoint folder evomerge (or mergekit) writes may hold: an earlier one is replaced only when
+# it holds nothing else (a user's notes or evaluations beside it are never deleted).
+WRITTEN = re.compile(r"(mergekit_config\.yml|mergekit_moe_config\.yml|README\.md|config\.json|generation_config\.json"
+                     r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin(\.index\.json)?"
+                     r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|vocab\.json|merges\.txt"
+                     r"|tokenizer\.model|added_tokens\.json|chat_template\.(jinja|json)|[^/]+\.gguf)")
+
+
 def check_output_dir(out_dir: str | Path, sources: list[Path]) -> Path:
     """Where a checkpoint may be written without losing anything: not a file, not a source model's
-    folder (nor inside one, nor holding one), and, when it exists, empty or an earlier merge's output."""
+    folder (nor inside one, nor holding one), somewhere a folder can be made, and, when it exists,
+    empty or an earlier merge's output holding nothing else. Checked before any work."""
+    from evomerge.paths import recover_directory
+
     out = Path(out_dir).resolve()
+    try:
+        os.stat(out)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a name too long, a path through a file, ...
+        raise OutputError(f"OUT_DIR {out_dir}: cannot write a folder there: {exc.strerror or exc}") from None
     if out.exists() and not out.is_dir():
         raise OutputError(f"OUT_DIR {out_dir}: is an existing file, not a folder")
     for source in sources:
         source = Path(source).resolve()
         if out == source or source in out.parents or out in source.parents:
             raise OutputError(f"OUT_DIR {out_dir}: would overwrite source model {source}; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in (MERGE_MARKER, MOE_MARKER)):
-        raise OutputError(f"OUT_DIR {out_dir}: exists and holds files that are not an earlier merge; "
-                          "choose a new folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        recover_directory(out)  # a replacement killed before: the old folder back, scratch removed
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise OutputError(f"OUT_DIR {out_dir}: cannot write a folder there: {exc.strerror or exc}") from None
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / m).exists() for m in (MERGE_MARKER, MOE_MARKER)):
+            raise OutputError(f"OUT_DIR {out_dir}: exists and holds files that are not an earlier merge; "
+                              "choose a new folder")
+        foreign = sorted(p.name for p in out.iterdir() if p.is_dir() or not WRITTEN.fullmatch(p.name))
+        if foreign:
+            raise OutputError(f"OUT_DIR {out_dir}: an earlier merge, but it also holds {', '.join(foreign[:5])}"
+                              f"{' and more' if len(foreign) > 5 else ''}, which evomerge did not write and would "
+                              "delete; move them or choose a new folder")
     return out
 
 
