@@ -152,7 +152,9 @@ def test_the_readme_command_writes_where_the_repository_tracks_nothing():
         pytest.skip("not a git checkout")
     assert "evomerge search search_spaces/demo.yaml" in (REPO / "README.md").read_text(encoding="utf-8")
     space = SearchSpace.load(REPO / "search_spaces" / "demo.yaml")
-    written = Path(space.config.results_dir) / space.config.name
+    written = space.results_root / space.config.name
+    assert written.is_relative_to(REPO.absolute()), f"{written} is outside the repository"
+    written = written.relative_to(REPO.absolute())
     for name in ("best.yaml", "summary.json", "study.db", "search.log", "history.png"):
         ignored = subprocess.run(["git", "check-ignore", "-q", str(written / name)], cwd=REPO)
         assert ignored.returncode == 0, f"{written / name} is not ignored by git"

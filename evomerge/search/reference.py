@@ -98,6 +98,7 @@ DESCRIPTIONS = {
     "moe.prompts": "the pool of prompt sets; each expert's own set is named after it",
     "moe.prompts.positive": "prompts that route to the expert",
     "moe.prompts.negative": "prompts that route away from it",
+    "moe.shared": "a name in `models`: a shared expert every token passes through (Qwen MoE needs one)",
     "moe.gate_scale": "a searched scale on each expert's router row",
     "moe.gate_scale.points": "control points over the layers",
     "moe.gate_scale.low": "smallest scale",
