@@ -168,10 +168,31 @@ HOSTILE = {
                              "        try:\n            if 'solve(10**20)' in open(os.path.join(root, f), errors='ignore').read():\n"
                              "                found.append(f)\n        except Exception:\n            pass\n"
                              "def solve(x):\n    return len(found) * 1000\n"),
-    "forge_reply_on_the_pipe": ("import sys, json, os\nmain = sys.modules['__main__']\n"
-                                "main.send(main.replies, {{'ready': True, 'entry': True}})\n"
-                                "for _ in range(3):\n    main.send(main.replies, {{'value': 4}})\n"
-                                "def solve(x):\n    return 4\n"),
+    # the reply pipe is the child's fd in argv: replies written ahead with the answers the tests want
+    "forge_reply_on_the_pipe": ("import sys, json, os\nfd = int(sys.argv[4])\n"
+                                "def frame(m):\n    d = json.dumps(m).encode()\n"
+                                "    os.write(fd, len(d).to_bytes(4, 'big') + d)\n"
+                                "frame({{'ready': True, 'entry': True}})\n"
+                                "for v in (4, -6, 2 * 10**20):\n    frame({{'value': v}})\n"
+                                "def solve(x):\n    return 0\n"),
+    # the judge's request pipe filled from inside (reopened through /proc), then silence: the judge
+    # must not wait on its write
+    "fill_the_request_pipe": ("import os, sys, time\nfd = os.open('/proc/self/fd/' + sys.argv[3], os.O_WRONLY | os.O_NONBLOCK)\n"
+                              "try:\n    while True:\n        os.write(fd, b'x' * 65536)\nexcept BlockingIOError:\n    pass\n"
+                              "def solve(x):\n    time.sleep(60)\n"),
+    # the file the evaluator reads after the run, made a FIFO or a link to an endless device
+    "layers_as_fifo": ("import os\nos.remove('layers.txt') if os.path.exists('layers.txt') else None\n"
+                       "os.mkfifo('layers.txt')\ndef solve(x):\n    return 0\n"),
+    "layers_as_link_to_dev_zero": ("import os\nos.remove('layers.txt') if os.path.exists('layers.txt') else None\n"
+                                   "os.symlink('/dev/zero', 'layers.txt')\ndef solve(x):\n    return 0\n"),
+    # a reply whose decoding would cost the judge: tens of thousands of colliding ints in a set, or
+    # a reply near the pipe protocol's old 16 MiB
+    "colliding_ints_reply": ("import sys\nM = sys.hash_info.modulus\n"
+                             "def solve(x):\n    return set(i * M for i in range(60000))\n"),
+    "huge_reply": ("def solve(x):\n    return 'x' * (15 << 20)\n"),
+    # 3,000 nested folders in the scratch: the cleanup must not raise and lose the batch
+    "deep_folders": ("import os\np = 'd'\nfor _ in range(3000):\n    os.mkdir(p)\n    os.chdir(p)\n"
+                     "def solve(x):\n    return 0\n"),
     "patch_the_encoder": ("import sys\nmain = sys.modules['__main__']\nmain.encode = lambda v: {{'list': []}}\n"
                           "def solve(x):\n    return 0\n"),
 }

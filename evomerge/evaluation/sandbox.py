@@ -25,8 +25,10 @@ import functools
 import json
 import logging
 import os
+import secrets
 import select
 import shutil
+import stat
 import signal
 import subprocess
 import sys
@@ -101,8 +103,15 @@ def bubblewrap() -> tuple[str, ...] | None:
                  str(python.parent.parent)):
         if os.path.exists(path):
             binds += ["--ro-bind", path, path]
+    # Installed packages are hidden under empty folders: evomerge's own benchmark data (HumanEval's
+    # tests and canonical solutions, in site-packages after `pip install .`) is what the judge knows.
+    # The program runs `python -I -S`: the standard library is all it needs.
+    hidden: list[str] = []
+    for folder in _package_folders():
+        if any(folder == b or folder.startswith(b.rstrip("/") + "/") for b in binds[2::3]):
+            hidden += ["--tmpfs", folder]
     command = (bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-               "--uid", str(NOBODY), "--gid", str(NOBODY), *binds, "--proc", "/proc", "--dev", "/dev",
+               "--uid", str(NOBODY), "--gid", str(NOBODY), *binds, *hidden, "--proc", "/proc", "--dev", "/dev",
                "--tmpfs", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
                "--setenv", "HOME", INSIDE, "--setenv", "TMPDIR", INSIDE, "--setenv", "PYTHONHASHSEED", "0",
                "--setenv", "PYTHONDONTWRITEBYTECODE", "1")
@@ -114,11 +123,23 @@ def bubblewrap() -> tuple[str, ...] | None:
     return (*command, str(python))
 
 
+def _package_folders() -> list[str]:
+    """Every folder Python installs packages into, on this machine (site- and dist-packages)."""
+    import site
+    import sysconfig
+
+    found = {*site.getsitepackages(), site.getusersitepackages(),
+             *(sysconfig.get_paths().get(k) for k in ("purelib", "platlib"))}
+    found |= {str(p) for p in Path("/usr/lib").glob("python3*/dist-packages")}
+    found |= {str(p) for p in Path("/usr/local/lib").glob("python3*/dist-packages")}
+    return sorted(str(Path(f).resolve()) for f in found if f and os.path.isdir(f))
+
+
 def describe() -> dict:
     """What isolates generated code on this machine, for logs and summary.json."""
     if bubblewrap() is not None:
         return {"isolation": "bubblewrap", "layers": ["user, pid, net, ipc, uts, cgroup namespaces", "private /proc",
-                "read-only minimal filesystem", "no capabilities", "new session", "rlimits", "landlock",
+                "read-only minimal filesystem (installed packages hidden)", "no capabilities", "new session", "rlimits", "landlock",
                 "audit hook", "tests in a separate judge process"]}
     weak = os.environ.get(MODE_ENV) == "weak"
     return {"isolation": "weak (opted in)" if weak else "none: refused",
@@ -146,11 +167,17 @@ def _announce() -> None:
 # ---------------------------------------------------------------------------- the judge
 
 
+REPLY_LIMIT = 1 << 20  # the largest reply the judge reads (a return value, encoded): 1 MiB
+DECODE_NODES = 100_000  # values in one decoded reply, at most
+DECODE_COLLECTION = 10_000  # items of one set or dict: hashing attacker-chosen keys stays cheap
+
+
 class _Channel:
-    """The judge's end of the two pipes, with a deadline on every read."""
+    """The judge's end of the two pipes, with a deadline on every read and every write."""
 
     def __init__(self, requests: int, replies: int, deadline: float):
-        self.requests, self.replies, self.deadline = os.fdopen(requests, "wb", buffering=0), replies, deadline
+        self.requests, self.replies, self.deadline = requests, replies, deadline
+        os.set_blocking(requests, False)  # a program that fills its request pipe cannot block the judge
 
     def _read(self, size: int) -> bytes | None:
         data = b""
@@ -169,8 +196,8 @@ class _Channel:
         if head is None:
             return None
         size = int.from_bytes(head, "big")
-        if size > child.MAX_MESSAGE:
-            raise ValueError("the program sent a message over 16 MiB")
+        if size > REPLY_LIMIT:
+            raise ValueError(f"the program sent a message over {REPLY_LIMIT >> 20} MiB")
         body = self._read(size)
         message = json.loads(body) if body is not None else None
         if message is not None and not isinstance(message, dict):
@@ -178,7 +205,46 @@ class _Channel:
         return message
 
     def send(self, message: dict) -> None:
-        child.send(self.requests, message)
+        data = json.dumps(message).encode()
+        data = len(data).to_bytes(4, "big") + data
+        while data:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([], [self.requests], [], left)[1]:
+                raise TimeoutError("the program did not take the call in time")
+            try:
+                data = data[os.write(self.requests, data):]
+            except BlockingIOError:
+                continue
+
+    def close(self) -> None:
+        try:
+            os.close(self.requests)
+        except OSError:
+            pass
+
+
+def decode_reply(data, budget: list[int] | None = None, depth: int = 0):
+    """A reply's value as plain data, within limits: at most DECODE_NODES values, sets and dicts of at
+    most DECODE_COLLECTION items, 100 levels deep (what a program returns cannot stall the judge)."""
+    budget = budget if budget is not None else [DECODE_NODES]
+    budget[0] -= 1
+    if budget[0] < 0 or depth > 100:
+        raise ValueError("the reply is too large or too deep")
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if type(data) is not dict or len(data) != 1:
+        raise ValueError("not an encoded value")
+    (tag, inner), = data.items()
+    if tag in ("set", "frozenset", "dict") and len(inner) > DECODE_COLLECTION:
+        raise ValueError(f"a {tag} of more than {DECODE_COLLECTION} items")
+    if tag in ("list", "tuple", "set", "frozenset"):
+        if type(inner) is not list:
+            raise ValueError("not an encoded value")
+        items = [decode_reply(v, budget, depth + 1) for v in inner]
+        return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+    if tag == "dict":
+        return {decode_reply(k, budget, depth + 1): decode_reply(v, budget, depth + 1) for k, v in inner}
+    return child.decode(data)
 
 
 class CandidateFailed(Exception):
@@ -192,17 +258,20 @@ class _Candidate:
         self.channel = channel
 
     def __call__(self, *args, **kwargs):
+        nonce = secrets.token_hex(16)
         try:
-            self.channel.send({"args": child.encode(list(args)), "kwargs": child.encode(dict(kwargs))})
+            self.channel.send({"args": child.encode(list(args)), "kwargs": child.encode(dict(kwargs)), "nonce": nonce})
         except BrokenPipeError:
             raise CandidateFailed("the program is gone") from None
         reply = self.channel.receive()
         if reply is None:
             raise CandidateFailed("the program is gone")
+        if reply.get("nonce") != nonce:  # written before the call, or for another one: forged
+            raise CandidateFailed("a reply that does not answer this call")
         if "raised" in reply:
             raise CandidateFailed(f"the program raised {str(reply['raised'])[:300]}")
         try:
-            return child.decode(reply["value"])
+            return decode_reply(reply["value"])
         except (KeyError, ValueError, TypeError, RecursionError) as exc:
             raise CandidateFailed(f"not plain data: {exc}") from None
 
@@ -236,14 +305,40 @@ def _judge(job: Job, channel: _Channel) -> str:
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
+    """The end of a file the program may have replaced: opened without following a link and without
+    blocking (a FIFO), read only if it is a regular file, never more than `limit` bytes."""
     try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - limit))
-            return handle.read().decode("utf-8", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return ""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return ""
+        os.lseek(fd, max(0, info.st_size - limit), os.SEEK_SET)
+        return os.read(fd, limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _remove(folder: Path) -> None:
+    """Removes a folder the program wrote into, whatever it made there (3,000 nested folders, links,
+    FIFOs, read-only modes); never follows a link, never raises. Python's own removal first (no
+    process to start); what it cannot do (a tree deeper than its recursion or than PATH_MAX, a folder
+    without permissions) goes to coreutils, which walk any depth by file descriptor."""
+    try:
+        shutil.rmtree(folder)
+        return
+    except Exception:  # RecursionError, ENAMETOOLONG, EACCES, EMFILE: all handled below
+        pass
+    for command in (["chmod", "-R", "u+rwx", "--", str(folder)], ["rm", "-rf", "--", str(folder)]):
+        try:
+            subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120, check=False)
+        except (OSError, subprocess.SubprocessError):
+            pass
 
 
 def run_job(job: Job, limits: Limits = Limits()) -> Result:
@@ -285,7 +380,7 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
         channel = _Channel(request_w, reply_r, start + limits.timeout_s)
         request_w = -1  # owned by the channel now
         reason = _judge(job, channel)
-        channel.requests.close()  # the program's end of the loop: it exits
+        channel.close()  # the program's end of the loop: it exits
         timed_out = False
         try:
             returncode = process.wait(timeout=max(0.1, min(2.0, start + limits.timeout_s - time.monotonic())))
@@ -300,7 +395,7 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
             if returncode is None:
                 returncode = process.wait()
         seconds = time.monotonic() - start
-        timed_out = timed_out or "did not answer in time" in reason
+        timed_out = timed_out or "in time" in reason
         if timed_out:
             status = "timeout"
         elif reason and returncode is not None and returncode < 0:
@@ -317,7 +412,7 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
                     os.close(fd)
                 except OSError:
                     pass
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove(scratch)
 
 
 def run_program(program: str, tests: str = "", limits: Limits = Limits(), **job: str) -> Result:
@@ -325,7 +420,18 @@ def run_program(program: str, tests: str = "", limits: Limits = Limits(), **job:
 
 
 def run_jobs(jobs: list[Job], limits: Limits = Limits(), workers: int | None = None) -> list[Result]:
-    """Runs jobs in parallel, up to the number of cores."""
+    """Runs jobs in parallel, up to the number of cores; a job whose run breaks fails alone (every
+    other verdict of the batch stands)."""
     workers = workers or max(1, os.cpu_count() or 1)
+
+    def one(job: Job) -> Result:
+        try:
+            return run_job(job, limits)
+        except EvomergeError:
+            raise  # no isolation here: refused for the whole batch, as before any job
+        except Exception as exc:  # noqa: BLE001 - the program's doing, or the machine's: this item fails
+            log.warning("a sandboxed job failed to run: %s: %s", type(exc).__name__, exc)
+            return Result(False, "error", None, 0.0, reason=f"{type(exc).__name__}: {exc}"[:300])
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: run_job(job, limits), jobs))
+        return list(pool.map(one, jobs))

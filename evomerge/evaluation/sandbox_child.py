@@ -238,6 +238,7 @@ def serve(entry, requests, replies):
             reply = {"value": encode(value)}
         except BaseException as error:  # the candidate's failure, reported as such
             reply = {"raised": f"{type(error).__name__}: {error}"[:500]}
+        reply["nonce"] = message.get("nonce")  # which call this answers: a reply written ahead cannot know it
         send(replies, reply)
 
 
