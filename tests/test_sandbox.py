@@ -364,3 +364,155 @@ def test_hostile_programs_are_contained_when_the_evaluator_is_an_ordinary_user(l
         assert _snapshot(canary) == before and not hits
     finally:
         shutil.rmtree(canary, ignore_errors=True)
+
+
+# Limits the kernel enforces across the whole program, whoever starts the evaluator (as root,
+# RLIMIT_NPROC binds nothing and SysV shared memory lies outside RLIMIT_AS). Each program measures
+# how far it got and returns it; the judge's test passes only when the limit held, so `passed`
+# here means "contained" and a program that got further fails the assertion below.
+KERNEL_LIMITS = {
+    # plain threads, each sleeping: the per-user RLIMIT_NPROC of 64 does not hold as root
+    "threads": ("import threading, time\nstarted = 0\n"
+                "for _ in range(400):\n    try:\n        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+                "        started += 1\n    except Exception:\n        break\n"
+                "def solve(x):\n    return started\n", "assert solve(0) <= 64, solve(0)\n"),
+    # raw forks, each child paused
+    "forks": ("import os, signal\nmade = 0\n"
+              "for _ in range(200):\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+              "    if pid == 0:\n        signal.pause()\n        os._exit(0)\n    made += 1\n"
+              "def solve(x):\n    return made\n", "assert solve(0) <= 64, solve(0)\n"),
+    # SysV shared memory, touched page by page and detached: outside every process's address space
+    "sysv_shared_memory": (
+        LIBC + "SHMGET, SHMAT, SHMDT = {shm}\nheld = 0\nfor _ in range(12):\n"
+        "    seg = libc.syscall(SHMGET, 0, 256 << 20, 0o1600)\n    if seg < 0:\n        break\n"
+        "    addr = libc.syscall(SHMAT, seg, None, 0)\n    if addr < 0:\n        break\n"
+        "    ctypes.memset(addr, 1, 256 << 20)\n    libc.syscall(SHMDT, ctypes.c_void_p(addr))\n    held += 256 << 20\n"
+        "def solve(x):\n    return held\n", "assert solve(0) < (2 << 30), solve(0)\n"),
+    # bytes written into its folder and /tmp, file after file (each under file_bytes)
+    "scratch_bytes": (
+        "import os\nwritten = 0\nfor folder in ('.', '/tmp'):\n    for i in range(64):\n        try:\n"
+        "            with open(os.path.join(folder, f'fill{i}'), 'wb') as f:\n"
+        "                for _ in range(15):\n                    f.write(b'x' * (1 << 20))\n"
+        "                    written += 1 << 20\n        except OSError:\n            break\n"
+        "def solve(x):\n    return written\n", "assert solve(0) <= 2 * (64 << 20), solve(0)\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_LIMITS))
+def test_kernel_limits_hold_across_the_whole_program(name):
+    _needs_kernel_isolation()
+    from evomerge.evaluation.cgroups import Cgroups
+
+    if Cgroups.available() is None and name in ("threads", "forks", "sysv_shared_memory") and os.geteuid() == 0:
+        pytest.skip("no cgroup can be made here: as root these limits have no kernel layer (docs/security.md)")
+    program, tests = KERNEL_LIMITS[name]
+    if name == "sysv_shared_memory":
+        if SHM is None:
+            pytest.skip("SysV syscall numbers known for x86-64 and arm64 only")
+        program = program.replace("{shm}", repr(SHM))
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = run_job(Job(program, tests, entry_point="solve"), Limits(timeout_s=20, cpu_seconds=15))
+    if name == "sysv_shared_memory":  # killed by the memory cgroup on the way, or stopped: either holds
+        assert result.passed or result.returncode in (137, -9) or result.status == "signal:SIGKILL", result.reason
+    else:
+        assert result.passed, (name, result.status, result.reason, result.stderr[-300:])
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= children
+
+
+SHM = {"x86_64": (29, 30, 67), "aarch64": (194, 196, 197)}.get(os.uname().machine)
+SYS_ADD_KEY, SYS_KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}.get(os.uname().machine, (None, None))
+
+
+def test_each_program_has_a_fresh_session_keyring():
+    """The evaluator's session keyring holds a secret; a program cannot find it, and a key a program
+    plants is seen neither by the evaluator nor by the next program."""
+    _needs_kernel_isolation()
+    import ctypes
+
+    if SYS_ADD_KEY is None:
+        pytest.skip("keyctl numbers known for x86-64 and arm64 only")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.syscall(SYS_KEYCTL, 1, None) < 0:  # the test's own anonymous session keyring
+        pytest.skip("keyrings are not available here (seccomp)")
+    secret = b"evomerge-keyring-secret"
+    assert libc.syscall(SYS_ADD_KEY, b"user", b"evomerge-test", secret, len(secret), -3) >= 0
+    find = (LIBC + "import os\n"
+            "def look(name):\n    key = libc.syscall({keyctl}, 10, -3, b'user', name, 0)\n"
+            "    if key < 0:\n        return 'none'\n    buf = ctypes.create_string_buffer(256)\n"
+            "    n = libc.syscall({keyctl}, 11, key, buf, 256)\n    return buf.raw[:max(n, 0)].decode()\n"
+            "def solve(x):\n    return look(x.encode())\n").replace("{keyctl}", str(SYS_KEYCTL))
+    plant = find + ("key = libc.syscall({add}, b'user', b'evomerge-planted', b'planted', 7, -3)\n"
+                    "assert key >= 0, os.strerror(ctypes.get_errno())\n").replace("{add}", str(SYS_ADD_KEY))
+    looked = run_job(Job(find, "assert solve('evomerge-test') == 'none', solve('evomerge-test')\n",
+                         entry_point="solve"), FAST)
+    assert looked.passed, looked.reason
+    planted = run_job(Job(plant, "assert solve('evomerge-planted') == 'planted'\n", entry_point="solve"), FAST)
+    assert planted.passed, planted.reason  # it could plant in its own keyring...
+    after = run_job(Job(find, "assert solve('evomerge-planted') == 'none', solve('evomerge-planted')\n",
+                        entry_point="solve"), FAST)
+    assert after.passed, after.reason  # ...which the next program does not share
+    assert libc.syscall(SYS_KEYCTL, 10, -3, b"user", b"evomerge-planted", 0) < 0  # nor the evaluator
+    assert "keyring" in looked.layers
+
+
+# Searches every file the sandbox can see for what the judge knows: HumanEval's data (tests and
+# canonical solutions, installed with the package). Returns what it found; passes only when nothing.
+FIND_THE_TESTS = """
+import os, gzip
+found = []
+for root, dirs, files in os.walk('/'):
+    if root.startswith(('/proc', '/sys', '/dev')):
+        dirs[:] = []
+        continue
+    for name in files:
+        path = os.path.join(root, name)
+        if 'humaneval' in name.lower() or 'HumanEval' in root:
+            found.append(path)
+            continue
+        try:
+            if os.path.getsize(path) < 50_000_000 and name.endswith(('.gz', '.jsonl', '.json')):
+                data = open(path, 'rb').read()
+                if name.endswith('.gz'):
+                    data = gzip.decompress(data)
+                if b'canonical_solution' in data:
+                    found.append(path)
+        except Exception:
+            pass
+def solve(x):
+    return found
+"""
+
+
+def test_nothing_the_judge_knows_is_readable_from_a_normal_install(tmp_path):
+    """`pip install .` (not -e) puts HumanEval's tests and solutions in site-packages: a program
+    searching every file it can see finds none of them."""
+    _needs_kernel_isolation()
+    import subprocess
+    import sys
+
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(repo, source, ignore=shutil.ignore_patterns(".git", "results", "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(tmp_path / "wheel"), str(source)], check=True, cwd=tmp_path, capture_output=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    wheel, = (tmp_path / "wheel").glob("evomerge-*.whl")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
+                   cwd=tmp_path, capture_output=True)
+    script = ("import json, evomerge\n"
+              "from evomerge.evaluation.sandbox import Job, Limits, run_job\n"
+              f"program = {FIND_THE_TESTS!r}\n"
+              "r = run_job(Job(program, \"assert solve(0) == [], solve(0)\\n\", entry_point='solve'), "
+              "Limits(timeout_s=60, cpu_seconds=50))\n"
+              "print(json.dumps({'package': evomerge.__file__, 'passed': r.passed, 'reason': r.reason}))\n")
+    out = subprocess.run([str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    report = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert Path(report["package"]).is_relative_to(venv), report  # the installed copy, not the checkout
+    assert (Path(report["package"]).parent / "tasks" / "humaneval" / "HumanEval.jsonl.gz").exists()
+    assert report["passed"], report["reason"]

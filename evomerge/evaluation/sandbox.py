@@ -40,6 +40,7 @@ from pathlib import Path
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluation import sandbox_child as child
+from evomerge.evaluation.cgroups import Cgroups, join_command
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class Limits:
     cpu_seconds: int = 10
     memory_bytes: int = 1 << 30  # address space
     file_bytes: int = 16 << 20  # largest file it may write, stdout and stderr included
-    processes: int = 64  # RLIMIT_NPROC (counts threads; per user, so parallel runs share it)
+    processes: int = 64  # processes and threads: the cgroup's pids.max, and RLIMIT_NPROC
+    scratch_bytes: int = 64 << 20  # its writable folder and its /tmp: each a tmpfs of this size
 
 
 @dataclass(frozen=True)
@@ -137,15 +139,24 @@ def _package_folders() -> list[str]:
 
 def describe() -> dict:
     """What isolates generated code on this machine, for logs and summary.json."""
+    cgroup = Cgroups.available() is not None
+    limits = (["cgroup: processes, threads and memory of the whole program (shared memory included)"] if cgroup
+              else [])
+    missing = ([] if cgroup else
+               ["a pids and memory cgroup (none can be made here): processes, threads and memory are bounded per "
+                "process by rlimits alone" + (", and RLIMIT_NPROC does not bind a program whose uid outside its "
+                                              "namespace is root" if os.geteuid() == 0 else "")])
     if bubblewrap() is not None:
         return {"isolation": "bubblewrap", "layers": ["user, pid, net, ipc, uts, cgroup namespaces", "private /proc",
-                "read-only minimal filesystem (installed packages hidden)", "no capabilities", "new session", "rlimits", "landlock",
-                "audit hook", "tests in a separate judge process"]}
+                "read-only minimal filesystem (installed packages hidden)", "writable folder and /tmp as size-limited tmpfs",
+                "no capabilities", "new session", "fresh session keyring", *limits, "rlimits", "landlock",
+                "audit hook", "tests in a separate judge process"], **({"missing": missing} if missing else {})}
     weak = os.environ.get(MODE_ENV) == "weak"
     return {"isolation": "weak (opted in)" if weak else "none: refused",
-            "layers": ["rlimits", "network namespace", "landlock", "audit hook", "tests in a separate judge process"],
+            "layers": [*limits, "rlimits", "fresh session keyring", "network namespace", "landlock", "audit hook",
+                       "tests in a separate judge process"],
             "missing": ["process isolation (bubblewrap): the program can see and signal other processes and read "
-                        "what its user can read"]}
+                        "what its user can read", *missing]}
 
 
 def require_isolation() -> None:
@@ -276,14 +287,24 @@ class _Candidate:
             raise CandidateFailed(f"not plain data: {exc}") from None
 
 
-def _judge(job: Job, channel: _Channel) -> str:
-    """Runs the tests against the program; returns why it failed, or '' when it passed."""
+def _reported_layers(ready: dict) -> tuple[str, ...]:
+    """The inner layers the child says it set up (informational: never part of a verdict)."""
+    found = ready.get("layers")
+    if type(found) is not list:
+        return ()
+    return tuple(str(name)[:40] for name in found[:20] if type(name) is str)
+
+
+def _judge(job: Job, channel: _Channel, layers: list[str]) -> str:
+    """Runs the tests against the program; returns why it failed, or '' when it passed. The layers the
+    child reported on "ready" go into `layers`."""
     try:
         ready = channel.receive()
     except (TimeoutError, ValueError) as exc:
         return f"never ready: {exc}"
     if not ready or ready.get("ready") is not True:
         return "the program did not load"
+    layers.extend(_reported_layers(ready))
     if job.entry_point and ready.get("entry") is not True:
         return f"the program does not define {job.entry_point}()"
     namespace: dict = {"__name__": "__judge__"}
@@ -347,10 +368,12 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
     _announce()
     wrap = bubblewrap()
     scratch = Path(tempfile.mkdtemp(prefix="evomerge-sandbox-"))
-    workdir = scratch / "program"  # the program's only writable place; outputs stay beside it
+    workdir = scratch / "program"  # the program's files (under bubblewrap it writes only into tmpfs)
     workdir.mkdir()
     request_r, request_w = os.pipe()
     reply_r, reply_w = os.pipe()
+    cgroups = Cgroups.available()
+    cgroup = cgroups.make() if cgroups is not None else None
     try:
         (workdir / "program.py").write_text(job.program, encoding="utf-8")
         (workdir / "child.py").write_text(CHILD_SOURCE, encoding="utf-8")
@@ -362,13 +385,27 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
                         "file_bytes": int(limits.file_bytes), "processes": int(limits.processes)}
         program = [f"{inside}/child.py", inside, json.dumps(child_limits), str(request_r), str(reply_w),
                    job.entry_point or ""]
-        if wrap:
-            command = [*wrap[:-1], "--bind", str(workdir), INSIDE, "--chdir", INSIDE, wrap[-1], "-I", "-S", *program]
+        if wrap:  # its folder and /tmp are tmpfs of bounded size: nothing it writes reaches the host's disk
+            size = str(int(limits.scratch_bytes))
+            command = [*wrap[:-1], "--size", size, "--perms", "1777", "--tmpfs", "/tmp",
+                       "--size", size, "--perms", "0700", "--tmpfs", INSIDE,
+                       "--ro-bind", str(workdir / "program.py"), f"{INSIDE}/program.py",
+                       "--ro-bind", str(workdir / "child.py"), f"{INSIDE}/child.py",
+                       "--chdir", INSIDE, wrap[-1], "-I", "-S", *program]
             env = None
         else:
             command = [os.environ.get(PYTHON_ENV) or sys.executable, "-I", "-S", *program]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": inside, "TMPDIR": inside,
                    "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        if cgroup is not None:  # processes, threads and memory (shared memory, tmpfs) of the whole tree
+            try:
+                cgroup.limit(processes=int(limits.processes),
+                             memory_bytes=int(limits.memory_bytes) + 2 * int(limits.scratch_bytes) + (64 << 20))
+                command = join_command(cgroup, command)
+            except OSError as exc:
+                log.warning("sandbox: could not limit the program's cgroup (%s); rlimits alone hold", exc)
+                cgroup.close()
+                cgroup = None
         start = time.monotonic()
         with open(scratch / "stdout.txt", "wb") as out, open(scratch / "stderr.txt", "wb") as err:
             process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -379,7 +416,8 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
         request_r = reply_w = -1
         channel = _Channel(request_w, reply_r, start + limits.timeout_s)
         request_w = -1  # owned by the channel now
-        reason = _judge(job, channel)
+        layers: list[str] = []
+        reason = _judge(job, channel, layers)
         channel.close()  # the program's end of the loop: it exits
         timed_out = False
         try:
@@ -402,9 +440,9 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
             status = f"signal:{signal.Signals(-returncode).name}"
         else:
             status = "failed" if reason else "passed"
+        held = (*layers, *(("bubblewrap", "tmpfs") if wrap else ()), *(("cgroup",) if cgroup else ()))
         return Result(not reason, status, returncode, seconds, _tail(scratch / "stdout.txt"),
-                      _tail(scratch / "stderr.txt"), tuple(_tail(workdir / "layers.txt", 200).split()) +
-                      (("bubblewrap",) if wrap else ()), reason)
+                      _tail(scratch / "stderr.txt"), held, reason)
     finally:
         for fd in (request_r, request_w, reply_r, reply_w):
             if fd >= 0:
@@ -412,6 +450,8 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
                     os.close(fd)
                 except OSError:
                     pass
+        if cgroup is not None:
+            cgroup.close()
         _remove(scratch)
 
 
