@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
@@ -89,6 +90,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from evomerge.evaluation import Evaluator, load_model
 
+    if args.output:
+        _writable_file(args.output)
     paths = [os.path.abspath(p) for p in args.include_path]
     requests = parse_tasks(args.tasks, args.metric, args.limit, args.num_fewshot, args.subjects, paths, args.filter)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -200,7 +203,6 @@ def _print_summary(summary: dict) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from evomerge.search import SearchSpace, write_report
-
     from evomerge.search.storage import normalize_url, sqlite_path
 
     space = SearchSpace.load(args.heldout) if args.heldout else None
@@ -224,6 +226,54 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
         return value
     return parse
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number of at least `low` (--num-fewshot -1 is a typo, not 'the default')."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def _batch_size(text: str):
+    return "auto" if text == "auto" else _positive(int)(text)
+
+
+def _worker_count(text: str) -> int:
+    """--workers: above 0 and at most one per core (or per GPU, where there are more GPUs): each worker
+    holds every source model, so more only divide the machine's memory between copies."""
+    from evomerge.device import available_cores
+
+    value = _positive(int)(text)
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch build with CUDA: cores alone bound it
+        gpus = 0
+    most = max(available_cores(), gpus)
+    if value > most:
+        raise argparse.ArgumentTypeError(f"at most {most} (one per core{' or GPU' if gpus else ''} this process may "
+                                         f"use; each worker holds every source), got {text}")
+    return value
+
+
+def _writable_file(path: str) -> None:
+    """Refuses an output file that cannot be written, before any work: a missing folder, a folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise EvomergeError(f"--output {path}: is a folder; give a file name (e.g. {target / 'scores.json'})")
+    parent = target.parent
+    if not parent.is_dir():
+        raise EvomergeError(f"--output {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise EvomergeError(f"--output {path}: the folder {parent} is not writable")
 
 
 def _gguf_option(parser: argparse.ArgumentParser) -> None:
@@ -338,12 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     _include_option(ev)
     ev.add_argument("--split", default="search", choices=["search", "heldout", "all"],
                     help="search, heldout (disjoint, seeded; README: splits) or all (every item, as lm_eval scores it)")
-    ev.add_argument("--limit", type=int, default=None, help="items per task (default: the whole split)")
-    ev.add_argument("--num-fewshot", type=int, default=0)
+    ev.add_argument("--limit", type=_positive(int), default=None, help="items per task (default: the whole split)")
+    ev.add_argument("--num-fewshot", type=_at_least(0), default=0)
     ev.add_argument("--subjects", default=None,
                     help="subsets (MMLU subjects), comma separated, for the tasks that have them (default: all)")
     ev.add_argument("--seed", type=int, default=0, help="which items form the split")
-    ev.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v),
+    ev.add_argument("--batch-size", default="auto", type=_batch_size,
                     help="auto (default): largest that fits on a GPU, 8 on a CPU")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
@@ -381,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
     search.add_argument("--dry-run", nargs="?", const="3", default=None, metavar="N",
                         help="print the first N recipes (default 3) and the memory plan, without loading models")
-    search.add_argument("--workers", type=int, default=1,
+    search.add_argument("--workers", type=_worker_count, default=1,
                         help="local worker processes on the study (one per GPU when there are several)")
     search.add_argument("--worker", action="store_true",
                         help="run as one worker of a shared study: trials only, no held-out or results folder")
@@ -434,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         to_log_files(logging.CRITICAL, f"evomerge: {type(exc).__name__}: {exc}", exc_info=sys.exc_info())
+        if _damaged_database(exc) and not args.debug:
+            print(f"evomerge: error: the study database cannot be read: {' '.join(str(exc).split()[:30])}; the "
+                  "trials finished before are in it as far as it can be read (a copy of it, or --storage another "
+                  "file, starts clean)", file=sys.stderr)
+            return 2
         if not _disk_full(exc) or args.debug:
             raise
         where = getattr(exc, "filename", None)
@@ -441,6 +496,13 @@ def main(argv: list[str] | None = None) -> int:
               "is kept (a merge leaves OUT_DIR as it was, a search keeps its trials in the study database): "
               "free some space and rerun the same command", file=sys.stderr)
         return 1
+
+
+def _damaged_database(exc: BaseException) -> bool:
+    """SQLite's own words for a file that is not (or no longer) a database."""
+    text = str(exc).lower()
+    return type(exc).__module__.startswith("sqlalchemy") and any(
+        s in text for s in ("database disk image is malformed", "file is not a database", "database is locked"))
 
 
 def _disk_full(exc: BaseException) -> bool:

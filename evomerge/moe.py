@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.device import DTYPES
 from evomerge.errors import RecipeError
+from evomerge.userfile import UserFileError, parse_yaml, read_text
 from evomerge.recipe import Recipe, RecipeDumper, format_validation_error, normalize_setting
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_avg", "hidden_last")
@@ -189,18 +190,18 @@ class MoEConfig(BaseModel):
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "moe config") -> "MoEConfig":
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise MoEConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+            data = parse_yaml(text)
+        except UserFileError as exc:
+            raise MoEConfigError(f"{source}: {exc}") from None
         return cls.from_dict(data, source=source)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MoEConfig":
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise MoEConfigError(f"{path}: cannot read MoE config: {exc.strerror}") from None
+            text = read_text(path)
+        except UserFileError as exc:
+            raise MoEConfigError(f"{path}: MoE config {exc}") from None
         return cls.from_yaml(text, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,7 +242,7 @@ def is_moe(data: Any) -> bool:
 def load_candidate(text: str, *, source: str = "recipe") -> Candidate:
     """A trial's candidate from its YAML: a mergekit recipe, or a MoE config (it has `experts`)."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+        data = parse_yaml(text)
+    except UserFileError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
     return MoEConfig.from_dict(data, source=source) if is_moe(data) else Recipe.from_dict(data, source=source)

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.device import DTYPES
 from evomerge.errors import RecipeError
 from evomerge.methods import registry
+from evomerge.userfile import UserFileError, parse_yaml, read_text
 
 Scalar = Union[bool, int, float, str]
 log = logging.getLogger(__name__)
@@ -479,18 +480,18 @@ class Recipe(_Strict):
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "recipe", strict: bool = False) -> "Recipe":
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+            data = parse_yaml(text)
+        except UserFileError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
         return cls.from_dict(data, source=source, strict=strict)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, strict: bool = False) -> "Recipe":
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+            text = read_text(path)
+        except UserFileError as exc:
+            raise RecipeError(f"{path}: recipe {exc}") from None
         return cls.from_yaml(text, source=str(path), strict=strict)
 
     def to_dict(self) -> dict[str, Any]:

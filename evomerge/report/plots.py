@@ -74,6 +74,8 @@ def history(study: optuna.Study, path: Path, references: dict[str, Any] | None =
 
 def task_scores(study: optuna.Study, tasks: list[str], path: Path, references: dict[str, Any] | None = None) -> None:
     """Each task's score over the completed trials, with each source model's as a dashed line."""
+    if not tasks:  # a study evomerge did not write: no per-task scores to draw
+        return
     records = map(TrialRecord.of, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     trials = sorted((r for r in records if r.scores), key=lambda r: r.number)
     fig, axes = plt.subplots(len(tasks), 1, figsize=(8, 2.4 * len(tasks)), sharex=True, squeeze=False)

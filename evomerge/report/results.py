@@ -92,11 +92,11 @@ def write_results(study: optuna.Study, results_dir: Path, *, task_names: list[st
     if best is not None:
         load_candidate(best.recipe).with_models(rename or {}).save(results_dir / "best.yaml")
     _leaderboard(study, results_dir, task_names, rename or {})
-    plots.history(study, results_dir / "history.png", references=references)
-    plots.task_scores(study, task_names, results_dir / "tasks.png", references=references)
-    plots.importances(study, results_dir / "importances.png", task_names)
+    _draw(results_dir / "history.png", lambda path: plots.history(study, path, references=references))
+    _draw(results_dir / "tasks.png", lambda path: plots.task_scores(study, task_names, path, references=references))
+    _draw(results_dir / "importances.png", lambda path: plots.importances(study, path, task_names))
     if len(study.directions) > 1:
-        plots.pareto(study, task_names, results_dir / "pareto.png")
+        _draw(results_dir / "pareto.png", lambda path: plots.pareto(study, task_names, path))
     summary = {
         "study": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
@@ -200,8 +200,16 @@ def _heldout_files(heldout: dict[str, Any], items: dict[str, Any] | None, result
             worded = ", ".join(f"{c[metric]['verdict']} than {source}" if c[metric]["verdict"] != "no detectable difference"
                                else f"not detectably different from {source}" for source, c in comparisons.items())
             text += f"\nOn combined {metric} the winner is {worded}.\n"
-        plots.heldout(heldout, results_dir / "heldout.png")
+        _draw(results_dir / "heldout.png", lambda path: plots.heldout(heldout, path))
     (results_dir / "heldout.md").write_text(text, encoding="utf-8")
+
+
+def _draw(path: Path, draw) -> None:
+    """Draws one plot; a plot that fails (matplotlib, odd data) costs only itself, with a warning."""
+    try:
+        draw(path)
+    except Exception as exc:  # noqa: BLE001 - the tables and summary.json still come
+        log.warning("%s not drawn: %s: %s", path.name, type(exc).__name__, exc)
 
 
 def _difference(found: dict[str, Any]) -> str:

@@ -192,10 +192,7 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
     database = store.sqlite_path(storage)
     if database is not None and not database.is_file():
         raise EvomergeError(f"--storage: no study database at {database}")
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        raise EvomergeError(f"no study '{study_name}' in {store.redacted(storage)}") from None
+    study = store.load_study(storage, study_name)
     if heldout_space is None:  # the held-out table already written for this study's winner stays
         from evomerge.report.results import best_trial
 

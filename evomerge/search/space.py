@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.demo.family import is_member_ref, member_path
@@ -27,6 +26,7 @@ from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
 from evomerge.moe import GATE_MODES, PROMPTED, MoEConfig
 from evomerge.recipe import Recipe, TokenizerSetting, format_validation_error, tokenizer_setting
 from evomerge.search.soup import SOUPS, check_method, soup_recipe
+from evomerge.userfile import UserFileError, load_yaml
 from evomerge.trials import Dimension, check_study_name, dimension_name
 
 
@@ -378,9 +378,16 @@ class SearchSpace:
             return path
 
         try:
-            for entry in config.models:
+            for i, entry in enumerate(config.models):
                 name, path = (entry.name, entry.path) if isinstance(entry, ModelEntry) else (Path(entry).name, entry)
-                self.models[name] = resolve(path)
+                resolved = resolve(path)
+                twin = next((other for other, p in self.models.items() if os.path.realpath(p) == os.path.realpath(resolved)), None)
+                if twin is not None:
+                    raise SpaceError(f"models.{i}: {path} is the model '{twin}' again; list each model once")
+                if name in self.models:
+                    raise SpaceError(f"models.{i}: the name '{name}' is taken by an earlier model; give each its own "
+                                     "(models: [{name, path}])")
+                self.models[name] = resolved
             base = config.base_model
             # base_model may name an entry of `models` or be a path of its own
             self.base = None if base is None else self.models[base] if base in self.models else resolve(base)
@@ -546,11 +553,9 @@ class SearchSpace:
         """space.yaml; `task_paths` (e.g. --include-path, absolute) are searched after the file's own."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise SpaceError(f"{path}: cannot read: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise SpaceError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+            data = load_yaml(path)
+        except UserFileError as exc:
+            raise SpaceError(f"{path}: {exc}") from None
         if task_paths and isinstance(data, dict):
             data = {**data, "task_paths": [*(data.get("task_paths") or []), *task_paths]}
         return cls.from_dict(data, source=path)

@@ -63,12 +63,33 @@ def open_results(folder: Path, what: str) -> tuple[dict, optuna.Study]:
     summary_file = folder / "summary.json"
     if not summary_file.is_file():
         raise EvomergeError(f"{what} {folder}: no summary.json (a results folder of evomerge search)")
-    summary = json.loads(summary_file.read_text(encoding="utf-8"))
-    storage = default_storage(folder) if (folder / "study.db").is_file() else summary.get("storage")
     try:
-        return summary, optuna.load_study(study_name=summary["study"], storage=normalize_url(storage))
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvomergeError(f"{what} {summary_file}: not a summary evomerge wrote ({exc})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("study"), str):
+        raise EvomergeError(f"{what} {summary_file}: no study name in it (a summary evomerge wrote has 'study')")
+    storage = default_storage(folder) if (folder / "study.db").is_file() else summary.get("storage")
+    if not isinstance(storage, str):
+        raise EvomergeError(f"{what} {folder}: no study.db here and the summary names no storage; "
+                            "was study.db moved? (--storage names it)")
+    database = sqlite_path(normalize_url(storage))
+    if database is not None and not database.is_file():
+        raise EvomergeError(f"{what} {folder}: the study database {database} is gone (moved or deleted?)")
+    return summary, load_study(storage, summary["study"])
+
+
+def load_study(storage: str, study_name: str) -> optuna.Study:
+    """An existing study, or one line: no such study, or a storage that cannot be read (a corrupt or
+    locked SQLite file, a wrong password)."""
+    opened = open_storage(storage, attempts=1)
+    try:
+        return optuna.load_study(study_name=study_name, storage=opened)
     except KeyError:
-        raise EvomergeError(f"{what} {folder}: no study '{summary['study']}' in {shown(storage)}") from None
+        raise EvomergeError(f"no study '{study_name}' in {shown(storage)}") from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors for a damaged database
+        raise EvomergeError(f"cannot read the study storage {redacted(normalize_url(storage))}: "
+                            f"{' '.join(str(exc).split()[:30])}") from None
 
 
 def requeue_once(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -212,8 +233,22 @@ class AdmissionLock:
         if database is not None:
             from filelock import FileLock
 
-            with FileLock(str(database) + ".lock", timeout=600):
+            from filelock import Timeout
+
+            lock = FileLock(str(database) + ".lock")
+            try:
+                lock.acquire(timeout=5)
+            except Timeout:
+                log.info("waiting for %s.lock: another worker of this study is asking for a trial", database)
+                try:
+                    lock.acquire(timeout=600)
+                except Timeout:
+                    raise EvomergeError(f"{database}.lock: another process has held it for over 10 minutes (a worker "
+                                        "of this study stuck while asking for a trial?); stop it and run again") from None
+            try:
                 yield
+            finally:
+                lock.release()
         elif self.url.startswith(("postgresql", "postgres")):
             import psycopg
 
