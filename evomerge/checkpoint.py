@@ -90,8 +90,10 @@ class SourceModel:
 
     def _config_int(self, key: str) -> int:
         value = getattr(self.config, key, None)
-        if not isinstance(value, int):
+        if not isinstance(value, int) or isinstance(value, bool):
             raise CheckpointError(f"model '{self.ref}': config has no {key}")
+        if not 0 < value < 1 << 24:
+            raise CheckpointError(f"model '{self.ref}': config.json {key} is {value}; it must be a count above 0")
         return value
 
     @property

@@ -181,3 +181,37 @@ def test_a_plot_that_fails_costs_only_itself(tmp_path, monkeypatch, caplog):
     assert (out / "summary.json").is_file() and (out / "leaderboard.md").is_file()
     assert not (out / "history.png").exists()
     assert "history.png not drawn: ValueError: matplotlib could not" in caplog.text
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("tokenizer", "cannot load its tokenizer"),
+    ("layers", "config.json num_hidden_layers is -1; it must be a count above 0"),
+])
+def test_a_damaged_source_is_named_before_anything_is_written(damage, message, tiny_family, tmp_path, capsys):
+    """A corrupt tokenizer was copied into OUT_DIR and `merge` said it succeeded."""
+    source = tmp_path / "damaged"
+    shutil.copytree(tiny_family["ft_math"], source)
+    if damage == "tokenizer":
+        (source / "tokenizer.json").write_text("{not json")
+    else:
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps({**config, "num_hidden_layers": -1}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe({**tiny_family, "ft_math": str(source)}))
+    code, err = _run(["merge", str(recipe), str(tmp_path / "out")], capsys)
+    assert code == 2 and message in err and str(source) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["hidden", "cheap_embed"])
+def test_a_moe_prompt_beyond_the_base_models_context_is_refused_before_any_forward(mode, tiny_family, tmp_path, capsys):
+    """A 2 MB gate prompt ran for minutes on a model of 1,024 positions."""
+    long = "the cat sat on the mat " * 2_000  # 46 kB, ~12k tokens (the 2 MB case takes the same path, slower)
+    experts = [{"source_model": tiny_family[name], "positive_prompts": [prompt]}
+               for name, prompt in (("ft_math", "2 + 2 = 4"), ("ft_code", long))]
+    config = tmp_path / "moe.yaml"
+    config.write_text(yaml.safe_dump({"base_model": tiny_family["base"], "gate_mode": mode, "dtype": "float32",
+                                      "experts_per_token": 1, "experts": experts}))
+    code, err = _run(["moe", str(config), str(tmp_path / "out")], capsys)
+    assert code == 2 and "tokens; the base model" in err and "reads at most 1024" in err, err
+    assert not (tmp_path / "out").exists()

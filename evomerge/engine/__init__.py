@@ -84,6 +84,9 @@ def merge_to_checkpoint(
 
     gguf = check_types(gguf)
     check_output_dir(out_dir, [locate(ref, allow_bin=allow_bin).path for ref in recipe.referenced_models()])
+    donor = locate(recipe.base_model or recipe.referenced_models()[0], allow_bin=allow_bin)
+    if recipe.vocabulary() is None and (donor.gguf_file is not None or donor.tokenizer_dir() is not None):
+        donor.tokenizer()  # the tokenizer the checkpoint carries loads, or one line naming the model, before merging
     engine = MergeEngine(
         recipe.referenced_models(),
         base_model=recipe.base_model,

@@ -198,6 +198,7 @@ class GateVectors:
         keys = [k for k in dict.fromkeys(keys) if k not in self.cache]
         if not keys:
             return
+        self._check_lengths({p for _, positive, negative in keys for p in (*positive, *negative)})
         model = self._hidden_model() if any(mode.startswith("hidden") for mode, _, _ in keys) else None
         for mode, positive, negative in keys:
             def embed(prompts):
@@ -221,6 +222,20 @@ class GateVectors:
                 tokenizer.pad_token = tokenizer.eos_token
             self._tokenizer = tokenizer
         return self._tokenizer
+
+    def _check_lengths(self, prompts: set[str]) -> None:
+        """Refuses, before any forward pass, a prompt longer than the base model's context (a 2 MB prompt
+        would run for minutes, then fail or read positions the model never learnt)."""
+        most = getattr(self.base.config, "max_position_embeddings", None)
+        if not isinstance(most, int) or most <= 0:
+            return
+        for prompt in sorted(prompts, key=len, reverse=True):
+            if len(prompt.encode()) < most:  # nor can a shorter one: a token is at least one byte
+                return
+            count = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + 1
+            if count > most:
+                raise MoEConfigError(f"prompts: the prompt '{prompt[:40]}...' is {count} tokens; the base model "
+                                     f"'{self.base.ref}' reads at most {most}")
 
     def _tokenize(self, prompts: list[str]):
         tokenizer = self.tokenizer
