@@ -129,7 +129,7 @@ def main() -> None:
             del model
         print(f"Winner of `{args.results_dir}` exported in {export_seconds:.1f} s ({weights / 1e6:,.1f} MB of "
               f"safetensors); memory bandwidth (numpy copy): {bandwidth(weights):.1f} GB/s; "
-              f"{sum(len(l) for l in expected)} next-token predictions over {len(texts)} held-out prompts.\n")
+              f"{sum(len(e) for e in expected)} next-token predictions over {len(texts)} held-out prompts.\n")
         print(markdown_table(["type", "MB", "size / checkpoint", "write s", "MB/s read", "top-1 agreement",
                               "relative logit error", "llama.cpp greedy tokens = transformers"], rows))
         if skipped:

@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--worker", action="store_true",
                         help="run as one worker of a shared study: trials only, no held-out or results folder")
     search.add_argument("--sampler", default=None,
-                        help="cmaes, tpe, random, nsga2, greedy_soup or uniform_soup: override the space's sampler; the trials join the same study (e.g. a soup baseline "
+                        help="cmaes, tpe, random, nsga2, greedy_soup or uniform_soup: override the space's sampler; "
+                             "the trials join the same study (e.g. a soup baseline "
                              "beside a CMA-ES search)")
     _memory_options(search, where="search")
     search.add_argument("--reproduce", default=None, metavar="RESULTS_DIR",

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.device import DTYPES
 from evomerge.errors import RecipeError
-from evomerge.userfile import UserFileError, parse_yaml, read_text
 from evomerge.recipe import Recipe, RecipeDumper, format_validation_error, normalize_setting
+from evomerge.userfile import UserFileError, parse_yaml, read_text
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "hidden_avg", "hidden_last")
 PROMPTED = tuple(m for m in GATE_MODES if m not in ("random", "uniform_random"))  # modes that read prompts

@@ -160,3 +160,16 @@ def test_the_readme_command_writes_where_the_repository_tracks_nothing():
         assert ignored.returncode == 0, f"{written / name} is not ignored by git"
     tracked = subprocess.run(["git", "ls-files", str(written)], cwd=REPO, capture_output=True, text=True, check=True)
     assert tracked.stdout == ""
+
+
+def test_the_code_is_lint_clean():
+    """ruff, as pyproject.toml configures it, over the package, the tests and the benchmarks."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.fail("ruff is missing: it comes with the test extra (pip install -e '.[test]')", pytrace=False)
+    found = subprocess.run([ruff, "check", "--no-cache", "evomerge", "tests", "benchmarks"], cwd=REPO,
+                           capture_output=True, text=True)
+    assert found.returncode == 0, found.stdout[-3000:]

@@ -17,7 +17,7 @@ from evomerge.recipe import Recipe
 from tests.conftest import REPO
 from tests.test_search import _space, _write
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
 
 def _worker(space_file, url, name, log) -> subprocess.Popen:

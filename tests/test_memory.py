@@ -208,6 +208,7 @@ MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", 
               "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu"}
 
 
+@pytest.mark.e2e
 def test_dry_run_plans_the_mistral_family_for_an_80gb_gpu_without_weights(tmp_path):
     """`evomerge search --dry-run` on the 7B example space, with only the models' config.json in the
     Hugging Face cache: the plan for an 80 GB device prints GB per part, each source's tier and the
@@ -275,6 +276,7 @@ print(json.dumps({"baseline": baseline, "peak": max(peak[0], process.memory_info
 """
 
 
+@pytest.mark.e2e
 def test_disk_tier_resident_memory_stays_under_its_bound_for_a_family_larger_than_the_budget(tmp_path):
     """A family of 4 x 172 MB sources under a 350 MB budget: every source goes to the disk tier and
     the process's peak resident memory (psutil, sampled every millisecond) grows by less than the

@@ -19,7 +19,7 @@ from evomerge.recipe import Recipe
 from tests.conftest import run_mergekit
 from tests.test_methods_oracle import DETERMINISTIC, RANDOM, _delta_statistics, _recipe_text
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.oracle]
 
 # Cases where float16 arithmetic in mergekit itself gives NaN (a zero task vector normalised by
 # 0 + eps, which underflows): mergekit writes the NaN, evomerge refuses the merge (below).

@@ -15,7 +15,7 @@ import torch
 from evomerge.recipe import Recipe
 from tests.conftest import oracle, run_mergekit
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.oracle]
 
 # {base}, {math}, {code}, {know} are replaced by the tiny family's absolute paths.
 DETERMINISTIC = {

@@ -70,6 +70,7 @@ def qwen3_family(tmp_path_factory) -> dict[str, str]:
 # ----------------------------------------------------------------------------- the oracle
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch,mode,dtype", [
     ("mixtral", "hidden", "float32"), ("mixtral", "cheap_embed", "float32"), ("mixtral", "hidden", "bfloat16"),
     ("qwen", "hidden", "float32"), ("qwen", "cheap_embed", "bfloat16"), ("qwen3", "hidden", "float32"),
@@ -101,6 +102,7 @@ def test_moe_equals_mergekit_moe_tensor_by_tensor(arch, mode, dtype, tiny_family
     assert "```yaml" in card and f"{config['experts_per_token']} of\n3 experts per token" in card
 
 
+@pytest.mark.oracle
 def test_random_gates_equal_mergekit_but_for_the_draws_and_are_seeded(tiny_family, tmp_path):
     config = _config(tiny_family, mode="random")
     for expert in config["experts"]:
@@ -169,6 +171,7 @@ def _hashes(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return {n: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for n, t in state.items()}
 
 
+@pytest.mark.e2e
 def test_in_memory_moe_writes_nothing_and_equals_what_evomerge_moe_writes(tiny_family, tmp_path):
     f = tiny_family
     recipe_expert = {"merge_method": "task_arithmetic", "base_model": f["base"], "dtype": "bfloat16",
@@ -270,6 +273,7 @@ def _moe_space(family: dict[str, str], tmp: Path, compare: dict | None = None, *
             **({"compare": compare} if compare else {})}
 
 
+@pytest.mark.e2e
 def test_moe_search_end_to_end_resumes_and_its_winner_rebuilds(tiny_family, tmp_path, monkeypatch):
     from evomerge.search import SearchSpace, run_search
 
@@ -352,6 +356,7 @@ def test_moe_config_round_trips_and_names_its_extensions(tiny_family):
         MoEConfig.from_yaml("experts: [")
 
 
+@pytest.mark.e2e
 def test_a_qwen2_moe_search_needs_a_shared_expert_and_can_have_one(tmp_path_factory, tmp_path, capsys):
     """Qwen2 experts make a Qwen MoE, which has one gated shared expert: a `moe:` block without one is
     refused before trial 1 (and by --dry-run) saying what to set; with `shared:` it builds, and the

@@ -11,6 +11,8 @@ from evomerge.cli import main
 from tests.conftest import oracle
 from tests.test_methods_oracle import _assert_close
 
+pytestmark = pytest.mark.oracle
+
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
 def moe_family(request, tmp_path_factory):

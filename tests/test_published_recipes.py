@@ -22,7 +22,7 @@ from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
 from tests.conftest import run_mergekit
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.oracle]
 
 CORPUS = sorted((Path(__file__).parent / "published_recipes").glob("*.yaml"))
 RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")

@@ -284,6 +284,7 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", ["alpaca", "chatml", "exaone", "llama3", "mistral"])
 def test_named_chat_templates_render_as_mergekits(name):
     """evomerge's own templates, written for it, render every conversation (and raise on the same

@@ -22,6 +22,8 @@ import pytest
 from evomerge.evaluation import dataset_split, tasklib
 from evomerge.evaluation.sandbox import Job, Limits, bubblewrap, run_job, run_jobs
 
+pytestmark = pytest.mark.sandbox
+
 FAST = Limits(timeout_s=4, cpu_seconds=3)
 # The problem every hostile program is judged on: it must define solve(x) == 2 * x.
 TESTS = "assert solve(2) == 4\nassert solve(-3) == -6\nassert solve(10**20) == 2 * 10**20\n"
@@ -488,10 +490,9 @@ def test_nothing_the_judge_knows_is_readable_from_a_normal_install(tmp_path):
     """`pip install .` (not -e) puts HumanEval's tests and solutions in site-packages: a program
     searching every file it can see finds none of them."""
     _needs_kernel_isolation()
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     repo = Path(__file__).resolve().parents[1]
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources

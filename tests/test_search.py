@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +103,7 @@ def test_relative_model_paths_are_relative_to_the_space_file(tiny_family, tmp_pa
     assert loaded.models["ft_math"] == tiny_family["ft_math"] and loaded.base == tiny_family["base"]
 
 
+@pytest.mark.oracle
 def test_schedules_and_filters_become_gradients_and_filter_lists(tiny_family, tmp_path):
     space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["ties"], layer_schedule=3, filters=True))
     dims = space.dimensions("ties")
@@ -220,6 +221,7 @@ def test_cmaes_learns_where_random_does_not(tiny_family, tmp_path):
 # ----------------------------------------------------------------------------- whole studies
 
 
+@pytest.mark.e2e
 def test_search_writes_every_output_and_resumes(tiny_family, tmp_path, monkeypatch):
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))  # held-out scores: computed, then cached
     space = SearchSpace.load(_write(_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]), tmp_path / "s.yaml"))
@@ -294,6 +296,7 @@ def test_search_writes_every_output_and_resumes(tiny_family, tmp_path, monkeypat
         run_search(other, progress=False)
 
 
+@pytest.mark.e2e
 def test_a_nan_candidate_fails_alone(tiny_family, tmp_path, monkeypatch):
     from evomerge.search.runner import Searcher
 
@@ -316,6 +319,7 @@ def test_a_nan_candidate_fails_alone(tiny_family, tmp_path, monkeypatch):
     assert failed.number == 1 and "NaN/inf" in failed.user_attrs["fail_reason"]
 
 
+@pytest.mark.e2e
 def test_failed_trials_in_a_row_stop_the_search_with_their_reasons(tiny_family, tmp_path, monkeypatch):
     """Every candidate fails (zero-sum weights): the search stops after MAX_CONSECUTIVE_FAILURES
     instead of failing trials forever, says why, and still writes its results folder."""
@@ -352,6 +356,7 @@ def test_a_bug_stops_the_search_with_its_traceback(tiny_family, tmp_path, monkey
     assert len(study.trials) == 1 and failed.user_attrs["fail_reason"].startswith("KeyError")
 
 
+@pytest.mark.e2e
 def test_the_search_shows_one_bar_and_no_evaluation_bars(tiny_family, tmp_path, capsys):
     space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False}))
     run_search(space, heldout=False, progress=True)
@@ -360,6 +365,7 @@ def test_the_search_shows_one_bar_and_no_evaluation_bars(tiny_family, tmp_path, 
     assert "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err
 
 
+@pytest.mark.e2e
 def test_multi_objective_results_follow_the_pareto_front(tiny_family, tmp_path):
     """Three objectives: the front is marked in the leaderboard and summary, the winner is chosen by the
     stated rule (`winner:`), the plot shows every pair, the held-out table scores the front."""
@@ -405,6 +411,7 @@ def _wait_for(study_db: Path, complete: int, timeout: float = 240) -> None:
     raise AssertionError("the search did not get far enough")
 
 
+@pytest.mark.e2e
 def test_kill_9_loses_no_completed_trial(tiny_family, tmp_path):
     space = _space(tiny_family, tmp_path, n_trials=10, pruning={"enabled": False})
     space["tasks"][1]["size"] = 12  # trials long enough to be killed in the middle of one
@@ -438,6 +445,7 @@ def test_kill_9_loses_no_completed_trial(tiny_family, tmp_path):
     assert set(before) <= set(evaluated) and not set(before) & set(evaluated[len(before) + 1:])
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path):
     space = _space(tiny_family, tmp_path, n_trials=6, pruning={"enabled": False})
     space["tasks"][1]["size"] = 12
@@ -460,6 +468,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
 
 
+@pytest.mark.e2e
 def test_ctrl_c_waits_for_a_database_write_then_stops(tiny_family, tmp_path, monkeypatch, ordinary_ctrl_c):
     """A Ctrl-C that arrives inside a database write (here: while trial 2 stores its recipe) does
     not tear the write; it stops the trial right after, which is then marked interrupted."""
@@ -640,6 +649,7 @@ def test_a_search_that_runs_generated_code_records_its_sandbox(tiny_family, tmp_
     assert saved["sandbox"] == summary["sandbox"]
 
 
+@pytest.mark.e2e
 def test_a_full_disk_stops_cleanly_and_keeps_the_trials(tiny_family, tmp_path, monkeypatch, capsys):
     import errno
 
@@ -669,6 +679,7 @@ def test_dry_run_takes_the_space_before_or_after_the_flag(args, tiny_family, tmp
     assert not (tmp_path / "results").exists()  # nothing loaded, nothing written
 
 
+@pytest.mark.e2e
 def test_paths_are_written_as_the_user_gave_them(tiny_family, tmp_path, monkeypatch):
     """`~/…` in a space stays `~/…` in what a search writes (best.yaml, leaderboard), and that recipe
     merges as it is: a home folder's path is nobody else's."""
@@ -691,6 +702,7 @@ def test_paths_are_written_as_the_user_gave_them(tiny_family, tmp_path, monkeypa
     assert main(["merge", str(results / "best.yaml"), str(tmp_path / "merged"), "--device", "cpu", "-q"]) == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override,extra,message", [
     ({"parameters": {"weight": {"low": 0, "high": float("inf")}}}, [], "parameters.weight.high"),
     ({"methods": "ties", "parameters": {"density": {"low": 0, "high": 1}}}, [], "parameters.density.low"),
@@ -714,6 +726,7 @@ def test_bad_input_leaves_sources_and_studies_byte_identical(override, extra, me
     assert [p.read_bytes() for p in watched] == before
 
 
+@pytest.mark.e2e
 def test_same_seed_same_numbers_with_one_thread_or_two(tiny_family, tmp_path):
     """Two searches of one space and seed, with 1 and with 2 CPU threads: identical proposals and
     identical scores; each trial records its CPU time, and the setting reaches torch."""
@@ -733,6 +746,7 @@ def test_same_seed_same_numbers_with_one_thread_or_two(tiny_family, tmp_path):
     assert len(records[0]) == 6 and records[0] == records[1]
 
 
+@pytest.mark.e2e
 def test_reproduce_reruns_a_finished_study_and_reports_each_trials_difference(tiny_family, tmp_path, monkeypatch,
                                                                                capsys):
     """`evomerge search --reproduce RESULTS` re-runs a finished study from its summary.json alone (in a
@@ -788,6 +802,7 @@ def test_reproduce_reruns_a_finished_study_and_reports_each_trials_difference(ti
     assert record["space_dir"] == "../.." and record["hardware"]["cores"] >= 1  # results/tiny -> the space's folder
 
 
+@pytest.mark.e2e
 def test_export_writes_exactly_what_merge_writes_with_the_search_in_its_card(tiny_family, tmp_path, capsys):
     """`evomerge export RESULTS OUT` = `evomerge merge best.yaml OUT` (same files, same tensors), plus
     the trial's scores, the held-out table and versions in the model card; `--trial N` any completed trial."""
@@ -826,6 +841,7 @@ def test_export_writes_exactly_what_merge_writes_with_the_search_in_its_card(tin
     assert "--trial: study 'tiny' has no trial 99" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_a_study_resumes_wherever_its_models_are_named_alike_and_refuses_another_space(tiny_family, tmp_path,
                                                                                       monkeypatch):
     """The study records what is searched; models are named as the space names them, so a study
@@ -856,6 +872,7 @@ def test_a_study_resumes_wherever_its_models_are_named_alike_and_refuses_another
         Searcher(SearchSpace.from_dict({**space, "methods": ["ties"]}), progress=False).open_study()
 
 
+@pytest.mark.e2e
 def test_the_same_command_resumes_from_any_directory(tiny_family, tmp_path, monkeypatch):
     """results_dir is relative to the space file, as its models are: run from elsewhere, the same
     command finds the same study instead of silently starting a fresh one. A study made under the old
@@ -910,6 +927,7 @@ def test_the_space_reference_is_generated_from_the_schema():
     assert (REPO / "docs" / "space-reference.md").read_text(encoding="utf-8") == render()
 
 
+@pytest.mark.e2e
 def test_a_warm_start_runs_the_obvious_candidates_first_and_cma_es_starts_from_the_best(tiny_family, tmp_path):
     from evomerge.search.sampler import MethodwiseCmaEs, to_unit
     from evomerge.trials import WARM_POINT

@@ -59,6 +59,7 @@ def test_a_soup_needs_a_method_that_weighs_each_model(tiny_family, tmp_path):
         SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["slerp"], sampler="greedy_soup"))
 
 
+@pytest.mark.e2e
 def test_a_greedy_soup_joins_the_searchs_study_and_leaderboard(tiny_family, tmp_path):
     """A CMA-ES search, then `--sampler greedy_soup` on the same space: the soup's 2n-1 trials
     join the same study, unpruned, labelled on the leaderboard; each is the first method over its
@@ -95,6 +96,7 @@ def test_a_greedy_soup_joins_the_searchs_study_and_leaderboard(tiny_family, tmp_
     assert summary["trials"]["COMPLETE"] + summary["trials"]["PRUNED"] == 9
 
 
+@pytest.mark.e2e
 def test_the_plots_reference_lines_are_the_scores_trials_give_the_same_models(tiny_family, tmp_path, monkeypatch):
     """A greedy soup over `linear` first scores each source alone, as a trial; the reference scores
     drawn on the history and per-task plots are computed apart (cached, item by item) and must be

@@ -12,6 +12,8 @@ import pytest
 
 from evomerge.evaluation import Evaluator, TaskRequest, dataset_split, task_items
 
+pytestmark = pytest.mark.oracle
+
 SEED = 0
 
 

@@ -166,6 +166,7 @@ def evomerge_eval(model: str, task_dir: Path, spec: str, out: Path, *extra: str)
 # ----------------------------------------------------------------------------- lm-eval is the oracle
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("task,metrics", [
     ("quiz_mc", ["acc,none", "acc_norm,none"]),
     ("quiz_gen", ["exact_match,first-number", "exact_match,whole"]),
@@ -184,6 +185,7 @@ def test_split_all_equals_lm_evals_cli(task, metrics, task_dir, tiny_family, tmp
     assert report["scores"][task] == pytest.approx(theirs[metrics[0]], abs=1e-6)
 
 
+@pytest.mark.oracle
 def test_without_the_chat_template_too(task_dir, tiny_family, tmp_path):
     """--apply-chat-template false scores as lm_eval does without --apply_chat_template, and says so."""
     theirs = lm_eval_cli(tiny_family["base"], task_dir, "quiz_mc", tmp_path / "lm_eval", chat=False)["quiz_mc"]
@@ -197,6 +199,7 @@ def test_without_the_chat_template_too(task_dir, tiny_family, tmp_path):
         chat["results"]["quiz_mc"]["acc_norm,none"] != report["results"]["quiz_mc"]["acc_norm,none"]
 
 
+@pytest.mark.oracle
 def test_a_group_scores_its_tasks_items_as_lm_eval_aggregates_them(task_dir, tiny_family, tmp_path):
     theirs = lm_eval_cli(tiny_family["base"], task_dir, "quiz", tmp_path / "lm_eval")
     report = evomerge_eval(tiny_family["base"], task_dir, "quiz", tmp_path / "ours.json", "--metric", "acc")
@@ -331,6 +334,7 @@ def build_arc_cache(home: Path) -> None:
     shutil.copytree(builder.cache_dir, target)
 
 
+@pytest.mark.e2e
 def test_a_registry_task_runs_from_the_datasets_cache(tmp_path, tiny_family):
     build_arc_cache(tmp_path)
     code = f"""

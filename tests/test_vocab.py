@@ -100,6 +100,7 @@ CASES = ["union_linear", "union_task_arithmetic", "chat_base_task_arithmetic", "
          "union_bfloat16", "adapter_slerp", "tied_union"]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("case", CASES)
 def test_vocabularies_as_mergekit_maps_them(case, vocab_family, tiny_family, tmp_path):
     """The same output vocabulary (the same tokens; union ids of regular tokens follow a hash order in
@@ -178,6 +179,7 @@ def test_the_mapping_is_computed_once_for_a_search(vocab_family, monkeypatch):
         engine.materialize(Recipe.from_dict({"merge_method": "linear", "models": _models(f["base"]), "dtype": "float32"}))
 
 
+@pytest.mark.e2e
 def test_a_search_over_a_family_with_different_vocab_sizes(vocab_family, tmp_path):
     """space.yaml's `tokenizer_source` (models named as in `models:`): the search scores candidates
     with the output tokenizer, every trial's recipe carries the setting, and the exported winner is

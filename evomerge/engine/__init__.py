@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from evomerge.engine.engine import MergeEngine, MergeStats
 from evomerge.checkpoint import locate
+from evomerge.engine.engine import MergeEngine, MergeStats
 from evomerge.engine.export import check_output_dir, save_checkpoint
 from evomerge.methods import get as get_method
 from evomerge.moe import MoEConfig, MoEConfigError

@@ -16,7 +16,7 @@ import torch.nn as nn
 from evomerge import __version__
 from evomerge.checkpoint import TOKENIZER_FILES, SourceModel
 from evomerge.engine.vocab import Vocabulary
-from evomerge.errors import PartialOutput, OutputError
+from evomerge.errors import OutputError, PartialOutput
 from evomerge.paths import atomic_directory
 from evomerge.recipe import Recipe, chat_template_text
 

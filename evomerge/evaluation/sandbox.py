@@ -28,8 +28,8 @@ import os
 import secrets
 import select
 import shutil
-import stat
 import signal
+import stat
 import subprocess
 import sys
 import tempfile

@@ -9,8 +9,9 @@ dtype and performs mergekit's sequence of torch operations (written from reading
 copied). karcher, ram, ramplus_tl and passthrough need none: their own functions
 already are mergekit's sequence, and given 16-bit inputs (no fused sum, no cached task vectors)
 they give its bits. nuslerp, sce, model_stock and arcee_fusion reuse their own modules' pieces and
-differ only where mergekit's operations do (no fused sum, torch.var and topk, a float32 mask). The engine calls them when asked for mergekit-exact merges; `docs/methods.md` lists the
-differences each removes and their size.
+differ only where mergekit's operations do (no fused sum, torch.var and topk, a float32 mask). The
+engine calls them when asked for mergekit-exact merges; `docs/methods.md` lists the differences each
+removes and their size.
 
 Two things stay apart by design: the random methods draw from evomerge's per-tensor generator
 (mergekit draws from torch's global generator in its task order), so DARE, DELLA and
@@ -33,7 +34,6 @@ from evomerge.methods.registry import Inputs, attach_exact
 from evomerge.methods.sce import select_erase_average
 from evomerge.methods.spherical import nuslerp_tensors
 from evomerge.methods.task_arithmetic import check_della, sign_consensus
-
 
 # --------------------------------------------------------------------------- linear
 

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from evomerge.evaluation import Evaluator
 from evomerge.evaluation.catalog import for_paths
-from evomerge.paths import atomic_write_text, cache_dir
 from evomerge.moe import Candidate
+from evomerge.paths import atomic_write_text, cache_dir
 from evomerge.recipe import Recipe
 from evomerge.report.stats import paired
 from evomerge.search.space import SearchSpace

@@ -26,9 +26,8 @@ from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
 from evomerge.moe import GATE_MODES, PROMPTED, MoEConfig
 from evomerge.recipe import Recipe, TokenizerSetting, format_validation_error, tokenizer_setting
 from evomerge.search.soup import SOUPS, check_method, soup_recipe
-from evomerge.userfile import UserFileError, load_yaml
 from evomerge.trials import Dimension, check_study_name, dimension_name
-
+from evomerge.userfile import UserFileError, load_yaml
 
 MOE = "moe"  # what trials of a `moe:` search build, in place of a merge method
 

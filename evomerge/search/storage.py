@@ -231,9 +231,7 @@ class AdmissionLock:
     def hold(self) -> Iterator[None]:
         database = sqlite_path(self.url)
         if database is not None:
-            from filelock import FileLock
-
-            from filelock import Timeout
+            from filelock import FileLock, Timeout
 
             lock = FileLock(str(database) + ".lock")
             try:
