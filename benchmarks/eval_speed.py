@@ -37,6 +37,7 @@ def bare_generate(model, tokenizer, prompts: list[str], batch: int, max_new: int
     tokens, start = 0, time.perf_counter()
     for i in range(0, len(prompts), batch):
         encoded = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = encoded.to(next(model.parameters()).device)
         with torch.inference_mode():
             out = model.generate(**encoded, max_new_tokens=max_new, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -65,13 +66,14 @@ def main() -> None:
     parser.add_argument("--gen-items", type=int, default=24)
     parser.add_argument("--max-gen-toks", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     args = parser.parse_args()
     from evomerge.log import setup_logging
 
     setup_logging()
-    family = build_family(progress=False)
+    family = build_family(progress=False, device=args.device)
     refs = [str(p) for p in family.members.values()]
-    engine = MergeEngine(refs, base_model=refs[0], device="cpu", dtype="bfloat16", progress=False)
+    engine = MergeEngine(refs, base_model=refs[0], device=args.device, dtype="bfloat16", progress=False)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(family.base)

@@ -8,7 +8,13 @@ Per method, in one run:
   - mergekit: `run_merge` writing the same recipe to disk + `from_pretrained` of the result (what a
     mergekit-based search pays per candidate; import time excluded), and the ratio to evomerge.
 
+`--shape 7b` times the same recipes on Llama-2-7B-shaped sources instead (hidden 4096, MLP 11008,
+vocabulary 32000; `--layers` of them, 2 by default: the per-layer cost of a 7B merge without 4 x 13 GB
+of checkpoints), written once into the cache from random weights; on a GPU the ratio column is then
+against HBM copy bandwidth (benchmarks/gpu_check.sh runs it).
+
 Usage: python benchmarks/merge_speed.py [--device cpu] [--dtype float32] [--reps 3] [--no-mergekit]
+                                        [--shape smollm2|7b] [--layers 2]
 """
 
 from __future__ import annotations
@@ -52,6 +58,46 @@ def derived_copies(base: Path, n: int = 3) -> list[Path]:
                 save_file(synthetic_finetune(state, i, generator), scratch / "model.safetensors", metadata={"format": "pt"})
         paths.append(target)
     return paths
+
+
+SEVEN_B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+           "vocab_size": 32000, "max_position_embeddings": 4096}
+
+
+def seven_b_shaped(layers: int, n: int = 3, hidden: int | None = None) -> tuple[Path, list[Path]]:
+    """A Llama-2-7B-shaped base with `layers` decoder layers and `n` derived copies (the base plus a
+    different small random change each), random weights in bfloat16, cached. `hidden` shrinks every
+    dimension by the same factor (to check this path on a small machine)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = dict(SEVEN_B)
+    if hidden is not None:
+        scale = hidden / SEVEN_B["hidden_size"]
+        dims.update(hidden_size=hidden, intermediate_size=int(SEVEN_B["intermediate_size"] * scale) // 8 * 8,
+                    num_attention_heads=max(1, int(32 * scale)), num_key_value_heads=max(1, int(32 * scale)))
+    tag = f"7b-shaped-{layers}l" + (f"-h{hidden}" if hidden else "")
+    base = cache_dir() / "bench" / f"{tag}-base"
+    if not (base / "model.safetensors").exists():
+        config = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, **dims)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        with atomic_directory(base) as scratch:
+            model.save_pretrained(scratch, safe_serialization=True, max_shard_size="100GB")
+        del model
+    paths = []
+    for i in range(n):
+        target = cache_dir() / "bench" / f"{tag}-derived-{i}"
+        if not (target / "model.safetensors").exists():
+            state = load_file(base / "model.safetensors")
+            generator = torch.Generator().manual_seed(100 + i)
+            changed = {k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=generator)).to(v.dtype)
+                       for k, v in state.items()}
+            with atomic_directory(target) as scratch:
+                shutil.copy(base / "config.json", scratch / "config.json")
+                save_file(changed, scratch / "model.safetensors", metadata={"format": "pt"})
+        paths.append(target)
+    return base, paths
 
 
 def recipes(base: str, a: str, b: str, c: str, dtype: str) -> dict[str, dict]:
@@ -151,11 +197,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--methods", nargs="*", help="subset of methods (default: all 20)")
     parser.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
+    parser.add_argument("--shape", choices=["smollm2", "7b"], default="smollm2",
+                        help="smollm2: SmolLM2-135M and 3 derived copies; 7b: Llama-2-7B-shaped layers (random weights)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the 7B-shaped sources")
+    parser.add_argument("--hidden", type=int, default=None, help=argparse.SUPPRESS)  # a shrunken 7b shape, for tests
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    base = ensure_base()
-    a, b, c = (str(p) for p in derived_copies(base))
+    if args.shape == "7b":
+        base, derived = seven_b_shaped(args.layers, hidden=args.hidden)
+    else:
+        base = ensure_base()
+        derived = derived_copies(base)
+    a, b, c = (str(p) for p in derived)
     table = recipes(str(base), a, b, c, args.dtype)
     selected = args.methods or list(table)
 
@@ -166,7 +220,8 @@ def main() -> None:
     engine.materialize(Recipe.from_dict(table["linear"]))  # the resident model at its usual size
     bandwidth = copy_bandwidth(engine)  # also measured again beside each method: drift cancels
     params = sum(p.numel() for p in engine._model.parameters())
-    print(f"# merge_speed: SmolLM2-135M ({params / 1e6:.1f}M params), base + 3 derived copies, {args.dtype}, "
+    shape = "SmolLM2-135M" if args.shape == "smollm2" else f"Llama-2-7B-shaped, {args.layers} layers"
+    print(f"# merge_speed: {shape} ({params / 1e6:.1f}M params), base + 3 derived copies, {args.dtype}, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# sources loaded once in {load_s:.1f} s ({engine.source_bytes / 1e9:.2f} GB resident)")
     print(f"# copy bandwidth (read + write, copy_ of one source's tensors into the resident model, median): "
