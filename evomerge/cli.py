@@ -435,10 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local worker processes on the study (one per GPU when there are several)")
     search.add_argument("--worker", action="store_true",
                         help="run as one worker of a shared study: trials only, no held-out or results folder")
-    search.add_argument("--sampler", default=None,
-                        help="cmaes, tpe, random, nsga2, greedy_soup or uniform_soup: override the space's sampler; "
-                             "the trials join the same study (e.g. a soup baseline "
-                             "beside a CMA-ES search)")
+    from evomerge.search.sampler import SAMPLERS
+
+    search.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                        help="override the space's sampler; the trials join the same study (e.g. a soup baseline "
+                             "beside a CMA-ES search): " + "; ".join(f"{n}: {e.help}" for n, e in SAMPLERS.items()))
     _memory_options(search, where="search")
     search.add_argument("--reproduce", default=None, metavar="RESULTS_DIR",
                         help="re-run the finished study of a results folder from scratch and report, per trial, "

@@ -27,6 +27,7 @@ from evomerge.moe import Candidate, load_candidate
 from evomerge.search import storage as store
 from evomerge.search.heldout import evaluate_heldout, source_search_scores
 from evomerge.search.runner import Searcher
+from evomerge.search.sampler import SAMPLERS
 from evomerge.search.space import SearchSpace
 from evomerge.trials import STUDY_SPACE, study_task_names
 
@@ -64,8 +65,8 @@ def run(job: SearchJob) -> dict[str, Any]:
     """Trials, then the best trial's held-out scores, then the results folder; returns the summary."""
     from evomerge.log import setup_logging
 
-    if job.workers > 1 and job.space.soup:
-        raise EvomergeError(f"--workers: {job.space.soup} decides each trial from the last; run it with one worker")
+    if job.workers > 1 and not SAMPLERS[job.space.config.sampler].parallel:
+        raise EvomergeError(f"--workers: {job.space.config.sampler} decides each trial from the last; run it with one worker")
     runs_code = job.space.runs_generated_code(heldout=job.heldout)
     if runs_code:
         require_isolation()  # refused now, not after hours of trials

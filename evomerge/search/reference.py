@@ -52,7 +52,7 @@ DESCRIPTIONS = {
     "task_paths": "folders of your own lm-eval task YAMLs (relative to this file), searched first",
     "objective": "weighted_sum (one value) or multi (one per task, a Pareto front)",
     "winner": "with objective: multi, the Pareto-front trial called the winner: mean (best mean) or a task's name",
-    "sampler": "cmaes | tpe | random | nsga2 | greedy_soup | uniform_soup (default cmaes; nsga2 with objective: multi)",
+    "sampler": "one of evomerge.search.sampler.SAMPLERS (the table below; default cmaes, nsga2 with objective: multi)",
     "n_trials": "trial budget (n_trials or timeout is required, except for soups)",
     "timeout": "seconds the search may run",
     "seed": "seeds the samplers, the random-drop methods and which items form each split",
@@ -165,7 +165,19 @@ def render() -> str:
     return ("# space.yaml reference\n\nEvery field `evomerge search` reads, generated from the schema "
             "(`python -m evomerge.search.reference > docs/space-reference.md`). Nested fields are dotted; a field "
             "of a list's entries (`tasks.metric`) applies to each entry. Unknown fields are refused by name.\n\n"
-            "| field | type | default | what it does |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "| field | type | default | what it does |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+            + _sampler_table())
+
+
+def _sampler_table() -> str:
+    from evomerge.search.sampler import SAMPLERS
+
+    yes = {True: "yes", False: "no"}
+    rows = [f"| `{name}` | {entry.help} | {yes[entry.multi_objective]} | {yes[entry.parallel]} | {yes[entry.prunable]} |"
+            for name, entry in SAMPLERS.items()]
+    return ("\n## Samplers\n\n`sampler:` (or `--sampler`) names one of these (`evomerge/search/sampler.py`, "
+            "`SAMPLERS`).\n\n| sampler | what it proposes | objective: multi | several workers | pruned trials |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from evomerge.evaluation import Evaluator, Scores
 from evomerge.moe import Candidate, load_candidate
 from evomerge.search import storage as store
 from evomerge.search.interrupts import InterruptGate
-from evomerge.search.sampler import make_sampler, suggest
+from evomerge.search.sampler import SAMPLERS, make_sampler, suggest
 from evomerge.search.soup import remaining as soup_remaining
 from evomerge.search.soup import suggest_members
 from evomerge.search.space import SearchSpace
@@ -233,7 +233,8 @@ class Searcher:
             raise CandidateFailed(str(exc)) from exc
         merge_seconds = time.perf_counter() - started
         # a soup's decisions need full scores: its trials are never pruned
-        pruning = config.pruning.enabled and config.objective != "multi" and not self.space.soup and not warm
+        pruning = (config.pruning.enabled and config.objective != "multi" and SAMPLERS[config.sampler].prunable
+                   and not warm)
         if pruning:
             rung = config.pruning.first_rung
             first = self._score(model, part=(0.0, rung))

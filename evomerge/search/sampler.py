@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import optuna
@@ -36,7 +37,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge import trials as record
 from evomerge.search.soup import SoupSampler
-from evomerge.search.space import SearchSpace
 from evomerge.trials import CMA_X, PROPOSED_METHOD, Dimension, TrialRecord
 
 
@@ -90,8 +90,21 @@ def retried_numbers(history: list[FrozenTrial]) -> set[int]:
     return {r.retry_of for r in map(TrialRecord.of, history) if r.retry_of is not None}
 
 
+class Proposals(Protocol):
+    """What a sampler reads of a search space (evomerge.search.space.SearchSpace; not imported here,
+    so the space can read the sampler table below)."""
+
+    config: Any
+    models: dict[str, str]
+    methods: list[str]
+
+    def dimensions(self, method: str) -> list[Dimension]: ...
+
+    def default_values(self, method: str) -> dict[str, float]: ...
+
+
 class MethodwiseCmaEs(BaseSampler):
-    def __init__(self, space: SearchSpace, seed: int = 0, sigma0: float = 0.25, popsize: int | None = None):
+    def __init__(self, space: Proposals, seed: int = 0, sigma0: float = 0.25, popsize: int | None = None):
         self.space = space
         self.seed = seed
         self.sigma0 = sigma0
@@ -227,20 +240,47 @@ class MethodwiseCmaEs(BaseSampler):
         return ranked[int(rng.choice(len(ranked), p=weights / weights.sum()))]
 
 
-def make_sampler(space: SearchSpace) -> BaseSampler:
-    config = space.config
-    if space.soup:
-        return SoupSampler(space.soup, list(space.models))
-    if config.sampler == "cmaes":
-        return MethodwiseCmaEs(space, seed=config.seed)
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, n_startup_trials=8)
-    if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=config.seed)
-    return optuna.samplers.RandomSampler(seed=config.seed)
+@dataclass(frozen=True)
+class SamplerEntry:
+    """One sampler `sampler:` (and --sampler) can name, with the rules the space and the runner read."""
+
+    make: Callable[[Proposals], BaseSampler]
+    help: str
+    multi_objective: bool  # optimises several objectives (objective: multi)
+    parallel: bool = True  # several workers may share its study
+    prunable: bool = True  # its trials may stop at a rung (a soup decides from full scores)
+    soup: bool = False  # proposes soups of the sources and knows how many trials it needs
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[str, dict[str, float]]:
+def _soup(kind: str) -> Callable[[Proposals], BaseSampler]:
+    return lambda space: SoupSampler(kind, list(space.models))
+
+
+# The samplers: the space's schema, the CLI's --sampler, the reference and the runner read this table.
+SAMPLERS: dict[str, SamplerEntry] = {
+    "cmaes": SamplerEntry(lambda space: MethodwiseCmaEs(space, seed=space.config.seed),
+                          "CMA-ES, one per merge method (the default)", multi_objective=False),
+    "tpe": SamplerEntry(lambda space: optuna.samplers.TPESampler(seed=space.config.seed, multivariate=True, group=True,
+                                                                 n_startup_trials=8),
+                        "Optuna's multivariate TPE", multi_objective=True),
+    "random": SamplerEntry(lambda space: optuna.samplers.RandomSampler(seed=space.config.seed),
+                           "uniform random proposals (a baseline)", multi_objective=True),
+    "nsga2": SamplerEntry(lambda space: optuna.samplers.NSGAIISampler(seed=space.config.seed),
+                          "NSGA-II (the default with objective: multi)", multi_objective=True),
+    "greedy_soup": SamplerEntry(_soup("greedy_soup"), "each source alone, then added in rank order while the score "
+                                "improves (Wortsman et al., 2022)", multi_objective=False, parallel=False,
+                                prunable=False, soup=True),
+    "uniform_soup": SamplerEntry(_soup("uniform_soup"), "one trial: every source, equal weights",
+                                 multi_objective=False, parallel=False, prunable=False, soup=True),
+}
+MULTI_OBJECTIVE_DEFAULT = "nsga2"
+
+
+def make_sampler(space: Proposals) -> BaseSampler:
+    return SAMPLERS[space.config.sampler].make(space)
+
+
+def suggest(trial: optuna.Trial, space: Proposals) -> tuple[str, dict[str, float]]:
     """Define-by-run: the method (when several), then that method's dimensions."""
     # Optuna asks the sampler lazily, and not at all when a queued trial fixes every parameter:
     # ask it up front, so each trial (retries included) carries its CMA-ES record.

@@ -25,7 +25,8 @@ from evomerge.methods import registry
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope
 from evomerge.moe import GATE_MODES, PROMPTED, MoEConfig
 from evomerge.recipe import Recipe, TokenizerSetting, format_validation_error, tokenizer_setting
-from evomerge.search.soup import SOUPS, check_method, soup_recipe
+from evomerge.search.sampler import MULTI_OBJECTIVE_DEFAULT, SAMPLERS
+from evomerge.search.soup import check_method, soup_recipe
 from evomerge.trials import Dimension, check_study_name, dimension_name
 from evomerge.userfile import UserFileError, load_yaml
 
@@ -226,8 +227,8 @@ class SpaceConfig(_Strict):
     objective: Literal["weighted_sum", "multi"] = "weighted_sum"
     # objective: multi: which Pareto-front trial is the winner: the best mean of the objectives, or a task's best.
     winner: str = "mean"
-    # default: cmaes, or nsga2 with objective: multi
-    sampler: Literal["cmaes", "tpe", "random", "nsga2", "greedy_soup", "uniform_soup"] = "cmaes"
+    # a name in evomerge.search.sampler.SAMPLERS; default: cmaes, or nsga2 with objective: multi
+    sampler: str = "cmaes"
     n_trials: Optional[int] = Field(None, ge=1)
     timeout: Optional[float] = Field(None, gt=0)  # seconds
     seed: int = 0
@@ -287,16 +288,21 @@ class SpaceConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "SpaceConfig":
         tokenizer_setting(self.tokenizer_source, self.tokenizer)  # not both forms
-        if self.sampler in SOUPS:  # a soup knows its own length
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: unknown sampler {self.sampler!r}; one of {', '.join(SAMPLERS)}")
+        kind = SAMPLERS[self.sampler]
+        if kind.soup:  # a soup knows its own length
             problem = check_method(self.methods[0])
             if problem:
                 raise ValueError(f"sampler: {self.sampler}: {problem}")
         elif self.n_trials is None and self.timeout is None:
             raise ValueError("n_trials or timeout: give at least one, or the search never stops")
-        if self.objective == "multi" and self.sampler == "cmaes":
+        if self.objective == "multi" and not kind.multi_objective:
             if "sampler" in self.model_fields_set:
-                raise ValueError("sampler: cmaes optimises one objective; use nsga2, tpe or random with objective: multi")
-            self.sampler = "nsga2"  # the default sampler for several objectives
+                several = ", ".join(name for name, entry in SAMPLERS.items() if entry.multi_objective)
+                raise ValueError(f"sampler: {self.sampler} optimises one objective; use one of {several} with "
+                                 "objective: multi")
+            self.sampler = MULTI_OBJECTIVE_DEFAULT
         if self.objective == "multi" and len(self.tasks) < 2:
             raise ValueError("objective: multi needs at least two tasks")
         if self.winner != "mean" and self.winner not in [t.task for t in self.tasks]:
@@ -311,7 +317,7 @@ class SpaceConfig(_Strict):
             raise ValueError(f"tasks: each task once, got {tasks}")
         if self.objective == "weighted_sum" and not sum(t.weight for t in self.tasks) > 0:
             raise ValueError(f"tasks: the weights must sum to more than 0, got {[t.weight for t in self.tasks]}")
-        if self.warm_start and (self.moe is not None or self.sampler in SOUPS):
+        if self.warm_start and (self.moe is not None or kind.soup):
             raise ValueError("warm_start: starts a search over merges; a moe: search or a soup has its own first trials")
         if self.moe is not None:
             for key in ("methods", "parameters", "stacking", "layer_schedule", "filters", "tokenizer",
@@ -319,7 +325,7 @@ class SpaceConfig(_Strict):
                 if key in self.model_fields_set:
                     raise ValueError(f"{key}: a moe: search builds mixtures of experts, not merges; remove {key} "
                                      "(an expert may be a merge recipe: moe.experts: [{name, recipe}])")
-            if self.sampler in SOUPS:
+            if kind.soup:
                 raise ValueError(f"sampler: {self.sampler} soups merges; a moe: search uses cmaes, tpe or random")
             if self.base_model is None:
                 raise ValueError("base_model: a mixture of experts takes attention and embeddings from base_model")
@@ -663,7 +669,7 @@ class SearchSpace:
     @property
     def soup(self) -> str | None:
         """The soup this space's sampler makes (greedy_soup, uniform_soup), or None for a search."""
-        return self.config.sampler if self.config.sampler in SOUPS else None
+        return self.config.sampler if SAMPLERS[self.config.sampler].soup else None
 
     def with_sampler(self, sampler: str) -> "SearchSpace":
         """The same space proposed by another sampler (same study: the sampler is not part of it)."""
