@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,58 @@ def postgres_url():
     url, directory = started.stdout.split()
     yield url
     subprocess.run([str(REPO / ".ci" / "postgres"), "stop", directory], capture_output=True)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def recipe_text(template: str, family: dict[str, str]) -> str:
+    return textwrap.dedent(template).format(
+        base=family["base"], math=family["ft_math"], code=family["ft_code"], know=family["ft_knowledge"]
+    )
+
+
+def assert_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], rel: float) -> None:
+    assert set(theirs) <= set(ours), f"missing tensors: {sorted(set(theirs) - set(ours))[:5]}"
+    for name, expected in theirs.items():
+        got = ours[name].to(expected.dtype)
+        assert got.shape == expected.shape, name
+        scale = expected.abs().max().clamp(min=1e-12)
+        error = ((got - expected).abs().max() / scale).item()
+        assert error <= rel, f"{name}: relative error {error:.3g} > {rel:g}"
+
+
+def delta_statistics(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, float]:
+    changed = total = l1 = 0.0
+    for name, tensor in merged.items():
+        if name not in base:
+            continue
+        delta = tensor.float() - base[name].float()
+        changed += (delta != 0).sum().item()
+        total += delta.numel()
+        l1 += delta.abs().sum().item()
+    return {"kept": changed / total, "l1": l1}
+
+
+def tiny_space(family: dict[str, str], tmp: Path, **overrides) -> dict:
+    space = {
+        "name": "tiny",
+        "models": [{"name": "math", "path": family["ft_math"]}, {"name": "code", "path": family["ft_code"]},
+                   {"name": "know", "path": family["ft_knowledge"]}],
+        "base_model": family["base"],
+        "methods": ["task_arithmetic"],
+        "tasks": [{"task": "gsm8k", "metric": "gold_loglik", "size": 4},
+                  {"task": "mmlu", "metric": "gold_loglik", "size": 6}],
+        "heldout": [{"task": "mmlu", "metric": "accuracy", "size": 4}, {"task": "gsm8k", "metric": "gold_loglik", "size": 3}],
+        "n_trials": 6,
+        "dtype": "float32",
+        "pruning": {"min_trials": 3},
+        "results_dir": str(tmp / "results"),
+    }
+    space.update(overrides)
+    return space
+
+
+def write_yaml(space: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(space))
+    return path

@@ -14,8 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.recipe import Recipe
-from tests.conftest import REPO
-from tests.test_search import _space, _write
+from tests.conftest import REPO, tiny_space, write_yaml
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
@@ -37,10 +36,10 @@ def test_three_workers_one_killed_exact_budget(tiny_family, tmp_path, postgres_u
     from evomerge.search.runner import Searcher
 
     n_trials = 12
-    space = _space(tiny_family, tmp_path, n_trials=n_trials, pruning={"enabled": False},
+    space = tiny_space(tiny_family, tmp_path, n_trials=n_trials, pruning={"enabled": False},
                    methods=["task_arithmetic", "ties"])
     space["tasks"][1]["size"] = 16  # ~1-2 s trials: long enough to be killed in the middle of one
-    space_file = _write(space, tmp_path / "space.yaml")
+    space_file = write_yaml(space, tmp_path / "space.yaml")
     name = f"dist-{uuid.uuid4().hex[:8]}"
     workers = [_worker(space_file, postgres_url, name, tmp_path / f"w{i}.log") for i in range(3)]
     victim = workers[1]
@@ -93,7 +92,7 @@ def test_three_workers_one_killed_exact_budget(tiny_family, tmp_path, postgres_u
 def test_workers_flag_runs_local_workers_and_writes_results(tiny_family, tmp_path, postgres_url):
     from evomerge.cli import main
 
-    space_file = _write(_space(tiny_family, tmp_path, n_trials=5, pruning={"enabled": False}), tmp_path / "s.yaml")
+    space_file = write_yaml(tiny_space(tiny_family, tmp_path, n_trials=5, pruning={"enabled": False}), tmp_path / "s.yaml")
     name = f"flag-{uuid.uuid4().hex[:8]}"
     assert main(["search", str(space_file), "--workers", "2", "--storage", postgres_url, "--study-name", name,
                  "-q", "--no-heldout"]) == 0

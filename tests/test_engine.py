@@ -600,11 +600,11 @@ def test_lora_adapters_as_sources_give_mergekits_tensors(tiny_family, tiny_adapt
     mergekit_merge.run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "theirs"),
                              MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
                                           lora_merge_cache=str(tmp_path / "lora_cache")))
-    from tests.test_methods_oracle import _assert_close
+    from tests.conftest import assert_close
 
     ours, theirs = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
     assert ours.keys() == theirs.keys()
-    _assert_close(ours, theirs, rel=1e-5)  # float32 sums in another order, as for every oracle test
+    assert_close(ours, theirs, rel=1e-5)  # float32 sums in another order, as for every oracle test
     # Each adapted source, as loaded, is bit for bit the model mergekit merged it into (its LoRA cache).
     engine = MergeEngine([base, *(f"{base}+{a}" for a in tiny_adapters.values())], device="cpu", progress=False)
     cached = [load_file(folder / "model.safetensors") for folder in (tmp_path / "lora_cache").iterdir()]

@@ -16,8 +16,8 @@ import torch
 from evomerge.engine import MergeEngine
 from evomerge.errors import MergeFailure
 from evomerge.recipe import Recipe
-from tests.conftest import run_mergekit
-from tests.test_methods_oracle import DETERMINISTIC, RANDOM, _delta_statistics, _recipe_text
+from tests.conftest import delta_statistics, recipe_text, run_mergekit
+from tests.oracle_cases import DETERMINISTIC, RANDOM
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.oracle]
 
@@ -45,7 +45,7 @@ def _assert_same_bits(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Ten
 
 
 def _recipe_file(tmp_path, template: str, family, dtype: str, out_dtype: str | None = None):
-    text = _recipe_text(template, family).replace("dtype: float32", f"dtype: {dtype}")
+    text = recipe_text(template, family).replace("dtype: float32", f"dtype: {dtype}")
     if out_dtype:
         text += f"out_dtype: {out_dtype}\n"
     path = tmp_path / "recipe.yaml"
@@ -111,8 +111,8 @@ def test_random_methods_match_mergekit_statistically_in_bfloat16(case, tiny_fami
     engine = MergeEngine(recipe.referenced_models(), base_model=recipe.base_model, device="cpu", dtype="bfloat16",
                          progress=False, mergekit_exact=True)
     runs = 4
-    ours = [_delta_statistics(engine.materialize(recipe, seed=s).state_dict(), base) for s in range(runs)]
-    theirs = [_delta_statistics(run_mergekit(recipe_file, tmp_path / f"mk{s}", seed=s), base) for s in range(runs)]
+    ours = [delta_statistics(engine.materialize(recipe, seed=s).state_dict(), base) for s in range(runs)]
+    theirs = [delta_statistics(run_mergekit(recipe_file, tmp_path / f"mk{s}", seed=s), base) for s in range(runs)]
     kept_ours, kept_theirs = (sum(s["kept"] for s in stats) / runs for stats in (ours, theirs))
     l1_ours, l1_theirs = (sum(s["l1"] for s in stats) / runs for stats in (ours, theirs))
     assert abs(kept_ours - kept_theirs) < 0.01, (kept_ours, kept_theirs)
@@ -141,9 +141,9 @@ def test_a_mergekit_exact_search_scores_and_exports_mergekits_tensors(tiny_famil
     from evomerge.search import run_search
     from evomerge.search.export import export
     from evomerge.search.space import SearchSpace
-    from tests.test_search import _space
+    from tests.conftest import tiny_space
 
-    space = _space(tiny_family, tmp_path, methods=["ties"], dtype="bfloat16", mergekit_exact=True, n_trials=2,
+    space = tiny_space(tiny_family, tmp_path, methods=["ties"], dtype="bfloat16", mergekit_exact=True, n_trials=2,
                    heldout=None, tasks=[{"task": "mmlu", "metric": "gold_loglik", "size": 2}])
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump(space))

@@ -8,8 +8,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
-from tests.conftest import oracle
-from tests.test_methods_oracle import _assert_close
+from tests.conftest import assert_close, oracle
 
 pytestmark = pytest.mark.oracle
 
@@ -57,6 +56,6 @@ def test_moe_checkpoints_merge_as_mergekit_merges_them(moe_family, method, tmp_p
     # under; both load as the same model
     ours, theirs = (AutoModelForCausalLM.from_pretrained(tmp_path / side).state_dict() for side in ("ours", "theirs"))
     assert ours.keys() == theirs.keys() and any("experts" in name for name in ours)
-    _assert_close(ours, theirs, rel=1e-5)
+    assert_close(ours, theirs, rel=1e-5)
     with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as handle:
         assert any(".experts.0." in name for name in handle.keys())  # saved as the sources were

@@ -28,32 +28,7 @@ from evomerge.search import SearchSpace, dry_run, run_search
 from evomerge.search.sampler import MethodwiseCmaEs, _seed, from_unit, suggest
 from evomerge.trials import SAMPLER_PREFIX as KEY
 from evomerge.trials import TrialRecord
-from tests.conftest import REPO, oracle
-
-
-def _space(family: dict[str, str], tmp: Path, **overrides) -> dict:
-    space = {
-        "name": "tiny",
-        "models": [{"name": "math", "path": family["ft_math"]}, {"name": "code", "path": family["ft_code"]},
-                   {"name": "know", "path": family["ft_knowledge"]}],
-        "base_model": family["base"],
-        "methods": ["task_arithmetic"],
-        "tasks": [{"task": "gsm8k", "metric": "gold_loglik", "size": 4},
-                  {"task": "mmlu", "metric": "gold_loglik", "size": 6}],
-        "heldout": [{"task": "mmlu", "metric": "accuracy", "size": 4}, {"task": "gsm8k", "metric": "gold_loglik", "size": 3}],
-        "n_trials": 6,
-        "dtype": "float32",
-        "pruning": {"min_trials": 3},
-        "results_dir": str(tmp / "results"),
-    }
-    space.update(overrides)
-    return space
-
-
-def _write(space: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(space))
-    return path
-
+from tests.conftest import REPO, oracle, tiny_space, write_yaml
 
 # ----------------------------------------------------------------------------- space.yaml
 
@@ -89,23 +64,23 @@ def _write(space: dict, path: Path) -> Path:
 )
 def test_bad_spaces_name_the_field(override, message, tiny_family, tmp_path):
     with pytest.raises(SpaceError) as info:
-        SearchSpace.load(_write(_space(tiny_family, tmp_path, **override), tmp_path / "space.yaml"))
+        SearchSpace.load(write_yaml(tiny_space(tiny_family, tmp_path, **override), tmp_path / "space.yaml"))
     assert message in str(info.value) and str(info.value).startswith(str(tmp_path / "space.yaml"))
 
 
 def test_relative_model_paths_are_relative_to_the_space_file(tiny_family, tmp_path):
     family_root = Path(tiny_family["base"]).parent
-    space = _space(tiny_family, tmp_path, base_model="../" + family_root.name + "/base")
+    space = tiny_space(tiny_family, tmp_path, base_model="../" + family_root.name + "/base")
     space["models"] = ["../" + family_root.name + "/ft_math", {"name": "code", "path": tiny_family["ft_code"]}]
     folder = family_root.parent / "spaces"
     folder.mkdir(exist_ok=True)
-    loaded = SearchSpace.load(_write(space, folder / "s.yaml"))
+    loaded = SearchSpace.load(write_yaml(space, folder / "s.yaml"))
     assert loaded.models["ft_math"] == tiny_family["ft_math"] and loaded.base == tiny_family["base"]
 
 
 @pytest.mark.oracle
 def test_schedules_and_filters_become_gradients_and_filter_lists(tiny_family, tmp_path):
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["ties"], layer_schedule=3, filters=True))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, methods=["ties"], layer_schedule=3, filters=True))
     dims = space.dimensions("ties")
     assert len(dims) == 3 * 2 * 3 * 3 + 1  # models x (weight, density) x filters x points + lambda
     values = {d.name: (d.low + d.high) / 2 for d in dims}
@@ -121,7 +96,7 @@ def test_schedules_and_filters_become_gradients_and_filter_lists(tiny_family, tm
 
 
 def test_della_epsilon_keeps_density_inside_the_unit_interval(tiny_family, tmp_path):
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["della"], layer_schedule=2))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, methods=["della"], layer_schedule=2))
     rng = np.random.default_rng(0)
     for _ in range(50):
         values = {d.name: from_unit(d, rng.random()) for d in space.dimensions("della")}
@@ -133,12 +108,12 @@ def test_della_epsilon_keeps_density_inside_the_unit_interval(tiny_family, tmp_p
 
 
 def test_several_objectives_default_to_nsga2(tiny_family, tmp_path):
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, objective="multi"))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, objective="multi"))
     assert space.config.sampler == "nsga2" and space.objectives == 2
 
 
 def test_task_arithmetic_does_not_search_density(tiny_family, tmp_path):
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path))
     assert {d.param for d in space.dimensions("task_arithmetic")} == {"weight", "lambda"}
 
 
@@ -154,7 +129,7 @@ def test_dry_run_prints_recipes_without_models(tmp_path):
 def test_dry_run_reads_layer_counts_through_the_checkpoint_code(tiny_family, tmp_path):
     """Stacking needs each source's layer count; a dry run reads it from the config the engine would
     read (a local dir here; GGUF headers and cached hub ids go through the same `locate`)."""
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods="passthrough",
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, methods="passthrough",
                                          stacking={"slots": 3, "block": 2}))
     for recipe in dry_run(space, 4):
         ranges = [s.sources[0].layer_range for s in recipe.slices]
@@ -178,7 +153,7 @@ def _synthetic_study(space: SearchSpace, n: int, target: float = 0.8, sampler=No
 
 
 def test_continuous_parameters_are_proposed_by_cmaes(tiny_family, tmp_path):
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]))
     study = _synthetic_study(space, 60)
     sampler = study.sampler
     trials = study.get_trials(deepcopy=False)
@@ -202,7 +177,7 @@ def test_continuous_parameters_are_proposed_by_cmaes(tiny_family, tmp_path):
 
 
 def test_cmaes_learns_where_random_does_not(tiny_family, tmp_path):
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path))
     study = _synthetic_study(space, 90, target=0.9)
     trials = study.get_trials(deepcopy=False)
     sigmas = [t.system_attrs[KEY + "cma_sigma"] for t in trials]
@@ -224,7 +199,7 @@ def test_cmaes_learns_where_random_does_not(tiny_family, tmp_path):
 @pytest.mark.e2e
 def test_search_writes_every_output_and_resumes(tiny_family, tmp_path, monkeypatch):
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))  # held-out scores: computed, then cached
-    space = SearchSpace.load(_write(_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]), tmp_path / "s.yaml"))
+    space = SearchSpace.load(write_yaml(tiny_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]), tmp_path / "s.yaml"))
     summary = run_search(space, progress=False)
     results = tmp_path / "results" / "tiny"
     for name in ("best.yaml", "leaderboard.csv", "leaderboard.md", "history.png", "tasks.png", "importances.png",
@@ -291,7 +266,7 @@ def test_search_writes_every_output_and_resumes(tiny_family, tmp_path, monkeypat
     after = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert all(after[n] == v for n, v in numbers_before.items())
     # A different space under the same name is refused, naming the study.
-    other = SearchSpace.load(_write(_space(tiny_family, tmp_path, methods=["ties"]), tmp_path / "s.yaml"))
+    other = SearchSpace.load(write_yaml(tiny_space(tiny_family, tmp_path, methods=["ties"]), tmp_path / "s.yaml"))
     with pytest.raises(SpaceError, match="study 'tiny'"):
         run_search(other, progress=False)
 
@@ -311,7 +286,7 @@ def test_a_nan_candidate_fails_alone(tiny_family, tmp_path, monkeypatch):
         return recipe
 
     monkeypatch.setattr(Searcher, "recipe_for", recipe_for)
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=4, pruning={"enabled": False}))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, n_trials=4, pruning={"enabled": False}))
     summary = run_search(space, heldout=False, progress=False)
     assert summary["trials"]["FAIL"] == 1 and summary["trials"]["COMPLETE"] == 4
     study = optuna.load_study(study_name="tiny", storage=summary["storage"])
@@ -332,7 +307,7 @@ def test_failed_trials_in_a_row_stop_the_search_with_their_reasons(tiny_family, 
 
     monkeypatch.setattr(runner.Searcher, "recipe_for", recipe_for)
     monkeypatch.setattr(runner, "MAX_CONSECUTIVE_FAILURES", 3)
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=20, pruning={"enabled": False}))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, n_trials=20, pruning={"enabled": False}))
     summary = run_search(space, heldout=False, progress=False)
     assert summary["trials"]["FAIL"] == 3 and summary["trials"]["COMPLETE"] == 0
     assert summary["this_run"]["stopped"].startswith("3 trials in a row failed; linear produced NaN/inf")
@@ -348,7 +323,7 @@ def test_a_bug_stops_the_search_with_its_traceback(tiny_family, tmp_path, monkey
         raise KeyError("a bug in the evaluator")
 
     monkeypatch.setattr(runner.Searcher, "_score", broken)
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=5))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, n_trials=5))
     with pytest.raises(KeyError, match="a bug in the evaluator"):
         run_search(space, heldout=False, progress=False)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/results/tiny/study.db")
@@ -358,7 +333,7 @@ def test_a_bug_stops_the_search_with_its_traceback(tiny_family, tmp_path, monkey
 
 @pytest.mark.e2e
 def test_the_search_shows_one_bar_and_no_evaluation_bars(tiny_family, tmp_path, capsys):
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False}))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False}))
     run_search(space, heldout=False, progress=True)
     err = capsys.readouterr().err
     assert "search:" in err and "best=" in err  # the search's bar, with the best score so far
@@ -371,7 +346,7 @@ def test_multi_objective_results_follow_the_pareto_front(tiny_family, tmp_path):
     stated rule (`winner:`), the plot shows every pair, the held-out table scores the front."""
     tasks = [{"task": "gsm8k", "metric": "gold_loglik", "size": 3}, {"task": "mmlu", "metric": "gold_loglik", "size": 4},
              {"task": "humaneval", "metric": "gold_loglik", "size": 2}]
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, objective="multi", n_trials=6, tasks=tasks,
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, objective="multi", n_trials=6, tasks=tasks,
                                          winner="mmlu", heldout=[{"task": "mmlu", "metric": "gold_loglik", "size": 3}]))
     summary = run_search(space, progress=False)
     assert summary["directions"] == ["maximize"] * 3 and summary["winner_rule"] == "mmlu"
@@ -413,9 +388,9 @@ def _wait_for(study_db: Path, complete: int, timeout: float = 240) -> None:
 
 @pytest.mark.e2e
 def test_kill_9_loses_no_completed_trial(tiny_family, tmp_path):
-    space = _space(tiny_family, tmp_path, n_trials=10, pruning={"enabled": False})
+    space = tiny_space(tiny_family, tmp_path, n_trials=10, pruning={"enabled": False})
     space["tasks"][1]["size"] = 12  # trials long enough to be killed in the middle of one
-    space_file = _write(space, tmp_path / "s.yaml")
+    space_file = write_yaml(space, tmp_path / "s.yaml")
     db = tmp_path / "results" / "tiny" / "study.db"
     process = _search_process(space_file, tmp_path / "first.log")
     _wait_for(db, complete=3)
@@ -447,9 +422,9 @@ def test_kill_9_loses_no_completed_trial(tiny_family, tmp_path):
 
 @pytest.mark.e2e
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny_family, tmp_path):
-    space = _space(tiny_family, tmp_path, n_trials=6, pruning={"enabled": False})
+    space = tiny_space(tiny_family, tmp_path, n_trials=6, pruning={"enabled": False})
     space["tasks"][1]["size"] = 12
-    space_file = _write(space, tmp_path / "s.yaml")
+    space_file = write_yaml(space, tmp_path / "s.yaml")
     db = tmp_path / "results" / "tiny" / "study.db"
     process = _search_process(space_file, tmp_path / "first.log")
     _wait_for(db, complete=2)
@@ -482,7 +457,7 @@ def test_ctrl_c_waits_for_a_database_write_then_stops(tiny_family, tmp_path, mon
         return original(self, trial_id, key, value)
 
     monkeypatch.setattr(RDBStorage, "set_trial_user_attr", set_trial_user_attr)
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, n_trials=5, pruning={"enabled": False}))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, n_trials=5, pruning={"enabled": False}))
     summary = run_search(space, heldout=False, progress=False)
     assert summary["this_run"]["interrupted"] is True and summary["trials"]["COMPLETE"] == 2
     assert summary["trials"]["INTERRUPTED"] == 1 and summary["trials"]["FAIL"] == 0  # reported as what it was
@@ -533,7 +508,7 @@ def test_the_interrupt_gate_defers_outside_and_delivers_inside_interruptible_reg
 def test_a_trial_lost_before_storing_its_parameters_is_retried_as_the_same_candidate(tiny_family, tmp_path):
     from evomerge.search.storage import requeue_once
 
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, methods=["task_arithmetic", "ties"]))
     study = optuna.create_study(direction="maximize", sampler=MethodwiseCmaEs(space, seed=1))
     lost = study.ask()
     assert lost.relative_params  # the sampler proposed (recorded in system attributes) ...
@@ -582,7 +557,7 @@ def test_a_trial_lost_before_its_worker_wrote_its_name_is_recovered(tmp_path, mo
 def test_bad_search_arguments_are_one_line_and_write_nothing(args, message, tiny_family, tmp_path, capsys):
     from evomerge.cli import main
 
-    space_file = _write(_space(tiny_family, tmp_path), tmp_path / "s.yaml")
+    space_file = write_yaml(tiny_space(tiny_family, tmp_path), tmp_path / "s.yaml")
     try:
         code = main(["search", str(space_file), "-q", *args])
     except SystemExit as exit_:  # argparse's own errors
@@ -615,7 +590,7 @@ def test_workers_get_the_storage_url_through_the_environment_not_argv(tiny_famil
             return 0
 
     monkeypatch.setattr(search.subprocess, "Popen", Finished)
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path))
     url = f"sqlite:///{tmp_path}/secret-study.db"
     search.run(search.SearchJob(space, storage=url, workers=2, space_file="s.yaml", heldout=False, progress=False))
     assert len(started) == 2
@@ -641,8 +616,8 @@ def test_a_search_that_runs_generated_code_records_its_sandbox(tiny_family, tmp_
         pytest.skip("needs bubblewrap (apt-get install bubblewrap); CI installs it")
     tasks = [{"task": "humaneval", "metric": "accuracy", "size": 2, "max_gen_toks": 8},
              {"task": "gsm8k", "metric": "gold_loglik", "size": 2}]
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, tasks=tasks, n_trials=1, pruning={"enabled": False}))
-    assert space.runs_generated_code() and not SearchSpace.from_dict(_space(tiny_family, tmp_path)).runs_generated_code()
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, tasks=tasks, n_trials=1, pruning={"enabled": False}))
+    assert space.runs_generated_code() and not SearchSpace.from_dict(tiny_space(tiny_family, tmp_path)).runs_generated_code()
     summary = run_search(space, heldout=False, progress=False)
     assert summary["sandbox"]["isolation"] == "bubblewrap" and summary["trials"]["COMPLETE"] == 1
     saved = json.loads((tmp_path / "results" / "tiny" / "summary.json").read_text())
@@ -660,7 +635,7 @@ def test_a_full_disk_stops_cleanly_and_keeps_the_trials(tiny_family, tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "results" / "tiny" / "leaderboard.csv"))
 
     monkeypatch.setattr(results, "write_results", full)
-    space_file = _write(_space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False}), tmp_path / "s.yaml")
+    space_file = write_yaml(tiny_space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False}), tmp_path / "s.yaml")
     assert main(["search", str(space_file), "-q", "--no-heldout"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge:")]
     assert len(err) == 1 and "no space left on device writing" in err[0] and "rerun the same command" in err[0]
@@ -672,7 +647,7 @@ def test_a_full_disk_stops_cleanly_and_keeps_the_trials(tiny_family, tmp_path, m
 def test_dry_run_takes_the_space_before_or_after_the_flag(args, tiny_family, tmp_path, capsys):
     from evomerge.cli import main
 
-    space_file = _write(_space(tiny_family, tmp_path), tmp_path / "s.yaml")
+    space_file = write_yaml(tiny_space(tiny_family, tmp_path), tmp_path / "s.yaml")
     assert main(["search", *(a.format(space=space_file) for a in args)]) == 0
     out = capsys.readouterr().out
     assert "# candidate 2 (task_arithmetic)" in out and "# candidate 3" not in out
@@ -688,7 +663,7 @@ def test_paths_are_written_as_the_user_gave_them(tiny_family, tmp_path, monkeypa
     home = Path(tiny_family["base"]).parent.parent
     monkeypatch.setenv("HOME", str(home))
     family = Path(tiny_family["base"]).parent.name
-    space = _space(tiny_family, tmp_path, n_trials=1, pruning={"enabled": False})
+    space = tiny_space(tiny_family, tmp_path, n_trials=1, pruning={"enabled": False})
     space["models"] = [{"name": "math", "path": f"~/{family}/ft_math"}, {"name": "code", "path": f"~/{family}/ft_code"}]
     run_search(SearchSpace.from_dict(space, source=tmp_path / "s.yaml"), heldout=False, progress=False)
     results = tmp_path / "results" / "tiny"
@@ -714,12 +689,12 @@ def test_bad_input_leaves_sources_and_studies_byte_identical(override, extra, me
     the field, and every byte of the study database and of the sources as it was."""
     from evomerge.cli import main
 
-    good = _write(_space(tiny_family, tmp_path, n_trials=1, pruning={"enabled": False}), tmp_path / "good.yaml")
+    good = write_yaml(tiny_space(tiny_family, tmp_path, n_trials=1, pruning={"enabled": False}), tmp_path / "good.yaml")
     assert main(["search", str(good), "-q", "--no-heldout"]) == 0
     watched = [tmp_path / "results" / "tiny" / "study.db", *(Path(p) / "model.safetensors" for p in tiny_family.values())]
     before = [p.read_bytes() for p in watched]
     capsys.readouterr()
-    bad = _write(_space(tiny_family, tmp_path, n_trials=1, **override), tmp_path / "bad.yaml")
+    bad = write_yaml(tiny_space(tiny_family, tmp_path, n_trials=1, **override), tmp_path / "bad.yaml")
     assert main(["search", str(bad), "-q", *extra]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge:")]
     assert len(err) == 1 and message in err[0], err
@@ -736,7 +711,7 @@ def test_same_seed_same_numbers_with_one_thread_or_two(tiny_family, tmp_path):
 
     records = []
     for threads in (1, 2):
-        space = SearchSpace.from_dict(_space(tiny_family, tmp_path / f"t{threads}", n_trials=6,
+        space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path / f"t{threads}", n_trials=6,
                                              pruning={"enabled": False}, methods=["task_arithmetic", "ties"]))
         summary = run(SearchJob(space, threads=threads, heldout=False, progress=False))
         assert torch.get_num_threads() == threads and os.environ["RAYON_NUM_THREADS"] == str(threads)
@@ -755,8 +730,8 @@ def test_reproduce_reruns_a_finished_study_and_reports_each_trials_difference(ti
     from evomerge.cli import main
     from evomerge.evaluation import Evaluator
 
-    space = _space(tiny_family, tmp_path, n_trials=5, pruning={"min_trials": 2, "first_rung": 0.5})
-    assert main(["search", str(_write(space, tmp_path / "space.yaml")), "--no-heldout", "-q"]) == 0
+    space = tiny_space(tiny_family, tmp_path, n_trials=5, pruning={"min_trials": 2, "first_rung": 0.5})
+    assert main(["search", str(write_yaml(space, tmp_path / "space.yaml")), "--no-heldout", "-q"]) == 0
     results = tmp_path / "results" / "tiny"
     summary = json.loads((results / "summary.json").read_text())
     record = summary["reproduce"]
@@ -810,8 +785,8 @@ def test_export_writes_exactly_what_merge_writes_with_the_search_in_its_card(tin
 
     from evomerge.cli import main
 
-    space = _space(tiny_family, tmp_path, n_trials=4, pruning={"enabled": False})
-    assert main(["search", str(_write(space, tmp_path / "space.yaml")), "-q"]) == 0
+    space = tiny_space(tiny_family, tmp_path, n_trials=4, pruning={"enabled": False})
+    assert main(["search", str(write_yaml(space, tmp_path / "space.yaml")), "-q"]) == 0
     results = tmp_path / "results" / "tiny"
     summary = json.loads((results / "summary.json").read_text())
     assert main(["export", str(results), str(tmp_path / "exported"), "--device", "cpu", "-q"]) == 0
@@ -856,7 +831,7 @@ def test_a_study_resumes_wherever_its_models_are_named_alike_and_refuses_another
         for name in ("base", "ft_math", "ft_code", "ft_knowledge"):
             shutil.copytree(tiny_family[name], tmp_path / home / "family" / name)
     family = {name: f"~/family/{name}" for name in ("base", "ft_math", "ft_code", "ft_knowledge")}
-    space = _space(family, tmp_path, n_trials=2)
+    space = tiny_space(family, tmp_path, n_trials=2)
     monkeypatch.setenv("HOME", str(tmp_path / "home1"))
     run_search(SearchSpace.from_dict(space), heldout=False, progress=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home2"))  # the same space, its models in another home
@@ -879,9 +854,9 @@ def test_the_same_command_resumes_from_any_directory(tiny_family, tmp_path, monk
     rule (relative to the working directory) still resumes where it is."""
     project = tmp_path / "project"
     project.mkdir()
-    space = _space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False})
+    space = tiny_space(tiny_family, tmp_path, n_trials=2, pruning={"enabled": False})
     space["results_dir"] = "runs"
-    _write(space, project / "space.yaml")
+    write_yaml(space, project / "space.yaml")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -911,9 +886,9 @@ def test_a_fatal_error_is_written_to_search_log(tiny_family, tmp_path, capsys):
     """What ended an overnight search is in search.log, not only on a terminal that is gone."""
     from evomerge.cli import main
 
-    space = _space(tiny_family, tmp_path)
+    space = tiny_space(tiny_family, tmp_path)
     space["models"][1]["path"] = str(tmp_path / "no-such-model")
-    assert main(["search", str(_write(space, tmp_path / "space.yaml")), "-q"]) == 2
+    assert main(["search", str(write_yaml(space, tmp_path / "space.yaml")), "-q"]) == 2
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge: error:"))
     log = (tmp_path / "results" / "tiny" / "search.log").read_text()
     assert "ERROR" in log and line in log
@@ -935,7 +910,7 @@ def test_a_warm_start_runs_the_obvious_candidates_first_and_cma_es_starts_from_t
     known = {"merge_method": "task_arithmetic", "base_model": tiny_family["base"], "dtype": "float32",
              "models": [{"model": "math", "parameters": {"weight": 0.9}}, {"model": "code", "parameters": {"weight": 0.2}}]}
     (tmp_path / "known.yaml").write_text(yaml.safe_dump(known))
-    space = SearchSpace.load(_write(_space(tiny_family, tmp_path, n_trials=7, pruning={"enabled": False},
+    space = SearchSpace.load(write_yaml(tiny_space(tiny_family, tmp_path, n_trials=7, pruning={"enabled": False},
                                             warm_start={"recipes": ["known.yaml"]}), tmp_path / "space.yaml"))
     summary = run_search(space, heldout=False, progress=False)
     study = optuna.load_study(study_name="tiny", storage=summary["storage"])

@@ -14,7 +14,7 @@ from evomerge.errors import SpaceError
 from evomerge.search import SearchSpace
 from evomerge.search.soup import PARAM, plan
 from evomerge.trials import SAMPLER
-from tests.test_search import _space
+from tests.conftest import tiny_space
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -56,7 +56,7 @@ def test_uniform_soup_is_one_trial_of_every_source():
 
 def test_a_soup_needs_a_method_that_weighs_each_model(tiny_family, tmp_path):
     with pytest.raises(SpaceError, match="sampler: greedy_soup: a soup weighs each model: method 'slerp' has no per-model weight"):
-        SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["slerp"], sampler="greedy_soup"))
+        SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, methods=["slerp"], sampler="greedy_soup"))
 
 
 @pytest.mark.e2e
@@ -67,7 +67,7 @@ def test_a_greedy_soup_joins_the_searchs_study_and_leaderboard(tiny_family, tmp_
     from evomerge.cli import main
     from evomerge.recipe import Recipe
 
-    space = _space(tiny_family, tmp_path, n_trials=4, pruning={"min_trials": 2, "first_rung": 0.5})
+    space = tiny_space(tiny_family, tmp_path, n_trials=4, pruning={"min_trials": 2, "first_rung": 0.5})
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     assert main(["search", str(path), "--no-heldout", "-q"]) == 0
@@ -106,7 +106,7 @@ def test_the_plots_reference_lines_are_the_scores_trials_give_the_same_models(ti
     from evomerge.search.runner import Searcher
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
-    space = SearchSpace.from_dict(_space(tiny_family, tmp_path, methods=["linear"], sampler="greedy_soup"))
+    space = SearchSpace.from_dict(tiny_space(tiny_family, tmp_path, methods=["linear"], sampler="greedy_soup"))
     run_search(space, heldout=False, progress=False)
     searcher = Searcher(space, results_root=tmp_path / "results", progress=False)
     searcher.load()

@@ -13,8 +13,7 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.engine import MergeEngine
-from tests.conftest import oracle
-from tests.test_methods_oracle import _assert_close
+from tests.conftest import assert_close, oracle
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +124,11 @@ def test_vocabularies_as_mergekit_maps_them(case, vocab_family, tiny_family, tmp
         assert mine.shape == expected.shape == (ours["rows"], expected.shape[1])
         order = list(ours["vocab"])
         by_token = mine[[ours["vocab"][t] for t in order]], expected[[theirs["vocab"][t] for t in order]]
-        _assert_close({name: by_token[0]}, {name: by_token[1]}, rel=rel)
+        assert_close({name: by_token[0]}, {name: by_token[1]}, rel=rel)
         if ours["rows"] > count:
-            _assert_close({name: mine[count:]}, {name: expected[count:]}, rel=rel)  # padding rows
+            assert_close({name: mine[count:]}, {name: expected[count:]}, rel=rel)  # padding rows
     others = {n: t for n, t in theirs["tensors"].items() if n not in vocab_tensors}
-    _assert_close(ours["tensors"], others, rel=rel)
+    assert_close(ours["tensors"], others, rel=rel)
     expected_tokens = {"union_linear": 387, "union_task_arithmetic": 388, "base_ties": 384,
                        "tokens_block": 388, "tied_union": 386}
     if case in expected_tokens:  # the union really is one: what each model added, once
