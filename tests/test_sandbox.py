@@ -517,3 +517,14 @@ def test_nothing_the_judge_knows_is_readable_from_a_normal_install(tmp_path):
     assert Path(report["package"]).is_relative_to(venv), report  # the installed copy, not the checkout
     assert (Path(report["package"]).parent / "tasks" / "humaneval" / "HumanEval.jsonl.gz").exists()
     assert report["passed"], report["reason"]
+
+
+def test_a_bubblewrap_without_sized_tmpfs_still_judges(monkeypatch):
+    """bubblewrap before 0.7 (Ubuntu 22.04) has no --size: the program's folder is a bind mount then."""
+    _needs_kernel_isolation()
+    from evomerge.evaluation import sandbox
+
+    monkeypatch.setattr(sandbox, "_sized_tmpfs", lambda: False)
+    right = run_job(Job("def solve(x):\n    return 2 * x\n", TESTS, entry_point="solve"), FAST)
+    assert right.passed and "tmpfs" not in right.layers and "bubblewrap" in right.layers, right.reason
+    assert not run_job(Job("def solve(x):\n    return x\n", TESTS, entry_point="solve"), FAST).passed

@@ -125,6 +125,21 @@ def bubblewrap() -> tuple[str, ...] | None:
     return (*command, str(python))
 
 
+@functools.lru_cache(maxsize=None)
+def _sized_tmpfs() -> bool:
+    """Whether this bubblewrap takes `--size` for a tmpfs (0.7 and later; Ubuntu 22.04 has 0.6):
+    without it the program writes into a bind-mounted scratch folder, bounded by rlimits only."""
+    wrap = bubblewrap()
+    if wrap is None:
+        return False
+    probe = subprocess.run([*wrap[:-1], "--size", str(1 << 20), "--tmpfs", "/evomerge-probe", wrap[-1], "-I", "-S",
+                            "-c", "pass"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        log.warning("sandbox: this bubblewrap has no --size; the program's folder is a bind mount bounded by rlimits "
+                    "(bubblewrap 0.7 or later makes it a size-limited tmpfs)")
+    return probe.returncode == 0
+
+
 def _package_folders() -> list[str]:
     """Every folder Python installs packages into, on this machine (site- and dist-packages)."""
     import site
@@ -148,7 +163,8 @@ def describe() -> dict:
                                               "namespace is root" if os.geteuid() == 0 else "")])
     if bubblewrap() is not None:
         return {"isolation": "bubblewrap", "layers": ["user, pid, net, ipc, uts, cgroup namespaces", "private /proc",
-                "read-only minimal filesystem (installed packages hidden)", "writable folder and /tmp as size-limited tmpfs",
+                "read-only minimal filesystem (installed packages hidden)",
+                *(["writable folder and /tmp as size-limited tmpfs"] if _sized_tmpfs() else []),
                 "no capabilities", "new session", "fresh session keyring", *limits, "rlimits", "landlock",
                 "audit hook", "tests in a separate judge process"], **({"missing": missing} if missing else {})}
     weak = os.environ.get(MODE_ENV) == "weak"
@@ -385,7 +401,11 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
                         "file_bytes": int(limits.file_bytes), "processes": int(limits.processes)}
         program = [f"{inside}/child.py", inside, json.dumps(child_limits), str(request_r), str(reply_w),
                    job.entry_point or ""]
-        if wrap:  # its folder and /tmp are tmpfs of bounded size: nothing it writes reaches the host's disk
+        sized = wrap is not None and _sized_tmpfs()
+        if wrap and not sized:
+            command = [*wrap[:-1], "--bind", str(workdir), INSIDE, "--chdir", INSIDE, wrap[-1], "-I", "-S", *program]
+            env = None
+        elif wrap:  # its folder and /tmp are tmpfs of bounded size: nothing it writes reaches the host's disk
             size = str(int(limits.scratch_bytes))
             command = [*wrap[:-1], "--size", size, "--perms", "1777", "--tmpfs", "/tmp",
                        "--size", size, "--perms", "0700", "--tmpfs", INSIDE,
@@ -440,7 +460,7 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
             status = f"signal:{signal.Signals(-returncode).name}"
         else:
             status = "failed" if reason else "passed"
-        held = (*layers, *(("bubblewrap", "tmpfs") if wrap else ()), *(("cgroup",) if cgroup else ()))
+        held = (*layers, *(("bubblewrap",) if wrap else ()), *(("tmpfs",) if sized else ()), *(("cgroup",) if cgroup else ()))
         return Result(not reason, status, returncode, seconds, _tail(scratch / "stdout.txt"),
                       _tail(scratch / "stderr.txt"), held, reason)
     finally:
