@@ -66,7 +66,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_tasks(spec: str, metric: str, limit: int | None, num_fewshot: int, subjects: str | None,
+def parse_tasks(spec: str | list[str], metric: str, limit: int | None, num_fewshot: int, subjects: str | None,
                 task_paths: list[str] | None = None, filter: str | None = None):
     """'gsm8k,mmlu:accuracy,humaneval' -> TaskRequests; a ':metric' suffix overrides --metric;
     --subjects applies to the tasks that have subsets."""
@@ -75,6 +75,7 @@ def parse_tasks(spec: str, metric: str, limit: int | None, num_fewshot: int, sub
 
     found = for_paths(task_paths or [])
     requests = []
+    spec = ",".join(spec) if isinstance(spec, (list, tuple)) else spec  # --tasks a,b or --tasks a b
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         task, _, own_metric = part.partition(":")
         subsets = subjects and found.info(task).rules.get("subset_field")
@@ -379,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a model on any lm-eval task (GSM8K / MMLU / HumanEval built in; offline)")
     ev.add_argument("model", help="model directory, .gguf file or cached Hugging Face id")
-    ev.add_argument("--tasks", default="gsm8k,mmlu,humaneval",
-                    help="comma list of task names (built-in, --include-path folders, lm-eval's registry); "
+    ev.add_argument("--tasks", default=["gsm8k,mmlu,humaneval"], nargs="+",
+                    help="task names, by commas or spaces (built-in, --include-path folders, lm-eval's registry); "
                          "task:metric overrides --metric")
     ev.add_argument("--metric", default="accuracy",
                     help="accuracy (the task's first metric), gold_loglik, or any metric the task declares (acc_norm, ...)")

@@ -215,3 +215,13 @@ def test_a_moe_prompt_beyond_the_base_models_context_is_refused_before_any_forwa
     code, err = _run(["moe", str(config), str(tmp_path / "out")], capsys)
     assert code == 2 and "tokens; the base model" in err and "reads at most 1024" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_takes_tasks_by_commas_or_spaces():
+    """`--tasks a b` was 'unrecognized arguments: b'; lm-eval's comma form still works."""
+    from evomerge.cli import build_parser, parse_tasks
+
+    for argv in (["--tasks", "gsm8k", "mmlu:gold_loglik"], ["--tasks", "gsm8k,mmlu:gold_loglik"]):
+        args = build_parser().parse_args(["eval", "m", *argv])
+        requests = parse_tasks(args.tasks, "accuracy", None, 0, None)
+        assert [(r.task, r.metric) for r in requests] == [("gsm8k", "accuracy"), ("mmlu", "gold_loglik")]
