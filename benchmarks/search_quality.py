@@ -13,7 +13,8 @@ Each time a run's best search fitness improves, that candidate is scored on held
 space's held-out metric (accuracy on the composition family; cached by recipe), so the curves are
 *best-so-far held-out accuracy against trials* — what a user gets after k trials. Prints the table
 and whether CMA-ES reached random search's best within 24 trials, and writes
-docs/search_quality[_compose].png (mean and spread over seeds).
+docs/search_quality[_compose].png (mean and spread over seeds) and the raw curves beside it (.json,
+rewritten after each run).
 
 Usage: python benchmarks/search_quality.py [--family compose] [--trials 64] [--seeds 0 1 2] [--heldout-size 60]
 """
@@ -21,6 +22,7 @@ Usage: python benchmarks/search_quality.py [--family compose] [--trials 64] [--s
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -144,6 +146,7 @@ def main() -> None:
     print(f"<!-- baselines done ({time.perf_counter() - started:.0f} s) -->", flush=True)
 
     curves: dict[str, list[list[float]]] = {}
+    raw = REPO / "docs" / f"search_quality{'_compose' if args.family == 'compose' else ''}.json"
     for name in args.searches:
         for seed in args.seeds:
             run_space = per_method if name == "per_method" else space
@@ -151,6 +154,9 @@ def main() -> None:
             curves.setdefault(name, []).append(curve)
             print(f"<!-- {name} seed {seed}: best held-out {curve[-1]:.4f} ({time.perf_counter() - started:.0f} s) -->",
                   flush=True)
+            raw.write_text(json.dumps({"family": args.family, "trials": args.trials, "seeds": args.seeds,
+                                       "heldout_size": args.heldout_size, "baselines": baselines, "curves": curves},
+                                      indent=1))  # kept run by run: an interrupted benchmark keeps what it measured
 
     tasks = ", ".join(bench.heldout_tasks)
     print(f"\n{args.family} family; {len(args.seeds)} seeds x {args.trials} trials per search; search fitness as "
