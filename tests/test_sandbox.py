@@ -528,3 +528,29 @@ def test_a_bubblewrap_without_sized_tmpfs_still_judges(monkeypatch):
     right = run_job(Job("def solve(x):\n    return 2 * x\n", TESTS, entry_point="solve"), FAST)
     assert right.passed and "tmpfs" not in right.layers and "bubblewrap" in right.layers, right.reason
     assert not run_job(Job("def solve(x):\n    return x\n", TESTS, entry_point="solve"), FAST).passed
+
+
+def test_a_reply_is_decoded_within_its_limits():
+    """Under the 1 MiB size limit a reply can still be costly to decode (colliding keys hash slowly):
+    more than 10,000 items in one set, 100,000 values or 100 levels are refused."""
+    from evomerge.evaluation import sandbox_child as child
+    from evomerge.evaluation.sandbox import REPLY_DECODE_LIMITS
+
+    for value in (set(range(10_001)), [[0] * 50] * 2001, [[[[]]]]):
+        encoded = child.encode(value)
+        assert child.decode(encoded) == value  # the judge's own calls: no limit
+    for value, message in ((set(range(10_001)), "more than 10000 items"), ([[0] * 50] * 2001, "too large"),
+                           (_nested(101), "too large or too deep")):
+        with pytest.raises(ValueError, match=message):
+            child.decode(child.encode(value), REPLY_DECODE_LIMITS)
+    _needs_kernel_isolation()
+    refused = run_job(Job("def solve(x):\n    return set(range(20_000))\n", "assert len(solve(0)) == 20_000\n",
+                          entry_point="solve"), FAST)
+    assert not refused.passed and "not plain data" in refused.reason, refused.reason
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value

@@ -56,15 +56,6 @@ class Cgroup:
                 if name in names:
                     (folder / name).write_text(f"{value}\n")
 
-    def peak_memory(self) -> int | None:
-        for folder in self.folders:
-            for name in ("memory.peak", "memory.max_usage_in_bytes"):
-                try:
-                    return int((folder / name).read_text())
-                except (OSError, ValueError):
-                    continue
-        return None
-
     def close(self) -> None:
         """Kills whatever is left in the cgroup and removes it; never raises."""
         for folder in self.folders:

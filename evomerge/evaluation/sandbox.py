@@ -195,8 +195,9 @@ def _announce() -> None:
 
 
 REPLY_LIMIT = 1 << 20  # the largest reply the judge reads (a return value, encoded): 1 MiB
-DECODE_NODES = 100_000  # values in one decoded reply, at most
-DECODE_COLLECTION = 10_000  # items of one set or dict: hashing attacker-chosen keys stays cheap
+# What decoding one reply may cost (sandbox_child.decode): values, items of one set or dict (hashing
+# attacker-chosen keys stays cheap), levels of nesting.
+REPLY_DECODE_LIMITS = (100_000, 10_000, 100)
 
 
 class _Channel:
@@ -232,8 +233,7 @@ class _Channel:
         return message
 
     def send(self, message: dict) -> None:
-        data = json.dumps(message).encode()
-        data = len(data).to_bytes(4, "big") + data
+        data = child.frame(message)
         while data:
             left = self.deadline - time.monotonic()
             if left <= 0 or not select.select([], [self.requests], [], left)[1]:
@@ -248,30 +248,6 @@ class _Channel:
             os.close(self.requests)
         except OSError:
             pass
-
-
-def decode_reply(data, budget: list[int] | None = None, depth: int = 0):
-    """A reply's value as plain data, within limits: at most DECODE_NODES values, sets and dicts of at
-    most DECODE_COLLECTION items, 100 levels deep (what a program returns cannot stall the judge)."""
-    budget = budget if budget is not None else [DECODE_NODES]
-    budget[0] -= 1
-    if budget[0] < 0 or depth > 100:
-        raise ValueError("the reply is too large or too deep")
-    if data is None or type(data) in (bool, int, float, str):
-        return data
-    if type(data) is not dict or len(data) != 1:
-        raise ValueError("not an encoded value")
-    (tag, inner), = data.items()
-    if tag in ("set", "frozenset", "dict") and len(inner) > DECODE_COLLECTION:
-        raise ValueError(f"a {tag} of more than {DECODE_COLLECTION} items")
-    if tag in ("list", "tuple", "set", "frozenset"):
-        if type(inner) is not list:
-            raise ValueError("not an encoded value")
-        items = [decode_reply(v, budget, depth + 1) for v in inner]
-        return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
-    if tag == "dict":
-        return {decode_reply(k, budget, depth + 1): decode_reply(v, budget, depth + 1) for k, v in inner}
-    return child.decode(data)
 
 
 class CandidateFailed(Exception):
@@ -298,7 +274,7 @@ class _Candidate:
         if "raised" in reply:
             raise CandidateFailed(f"the program raised {str(reply['raised'])[:300]}")
         try:
-            return decode_reply(reply["value"])
+            return child.decode(reply["value"], REPLY_DECODE_LIMITS)
         except (KeyError, ValueError, TypeError, RecursionError) as exc:
             raise CandidateFailed(f"not plain data: {exc}") from None
 
@@ -402,16 +378,15 @@ def run_job(job: Job, limits: Limits = Limits()) -> Result:
         program = [f"{inside}/child.py", inside, json.dumps(child_limits), str(request_r), str(reply_w),
                    job.entry_point or ""]
         sized = wrap is not None and _sized_tmpfs()
-        if wrap and not sized:
-            command = [*wrap[:-1], "--bind", str(workdir), INSIDE, "--chdir", INSIDE, wrap[-1], "-I", "-S", *program]
-            env = None
-        elif wrap:  # its folder and /tmp are tmpfs of bounded size: nothing it writes reaches the host's disk
+        if wrap:
             size = str(int(limits.scratch_bytes))
-            command = [*wrap[:-1], "--size", size, "--perms", "1777", "--tmpfs", "/tmp",
-                       "--size", size, "--perms", "0700", "--tmpfs", INSIDE,
-                       "--ro-bind", str(workdir / "program.py"), f"{INSIDE}/program.py",
-                       "--ro-bind", str(workdir / "child.py"), f"{INSIDE}/child.py",
-                       "--chdir", INSIDE, wrap[-1], "-I", "-S", *program]
+            # its folder and /tmp as tmpfs of bounded size (nothing it writes reaches the host's disk),
+            # else (bubblewrap < 0.7) its folder bind-mounted
+            mounts = (["--size", size, "--perms", "1777", "--tmpfs", "/tmp", "--size", size, "--perms", "0700",
+                       "--tmpfs", INSIDE, "--ro-bind", str(workdir / "program.py"), f"{INSIDE}/program.py",
+                       "--ro-bind", str(workdir / "child.py"), f"{INSIDE}/child.py"] if sized
+                      else ["--bind", str(workdir), INSIDE])
+            command = [*wrap[:-1], *mounts, "--chdir", INSIDE, wrap[-1], "-I", "-S", *program]
             env = None
         else:
             command = [os.environ.get(PYTHON_ENV) or sys.executable, "-I", "-S", *program]

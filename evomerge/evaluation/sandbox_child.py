@@ -198,19 +198,33 @@ def encode(value):
     raise TypeError(f"not plain data: {kind.__name__}")
 
 
-def decode(data):
+def decode(data, limits=None):
+    """The value `encode` made. `limits` = (values, items of one set or dict, depth) bound what decoding
+    may cost when the data come from the program (the judge's side); the judge's own calls need none."""
+    return _decode(data, [limits[0]] if limits else None, limits, 0)
+
+
+def _decode(data, budget, limits, depth):
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > limits[2]:
+            raise ValueError("the reply is too large or too deep")
     if data is None or type(data) in (bool, int, float, str):
         return data
     if type(data) is not dict or len(data) != 1:
         raise ValueError("not an encoded value")
     (tag, inner), = data.items()
+    if limits and tag in ("set", "frozenset", "dict") and len(inner) > limits[1]:
+        raise ValueError(f"a {tag} of more than {limits[1]} items")
     if tag == "float":
         return float({"nan": "nan", "inf": "inf", "-inf": "-inf"}[inner])
     if tag in ("list", "tuple", "set", "frozenset"):
-        items = [decode(v) for v in inner]
+        if type(inner) is not list:
+            raise ValueError("not an encoded value")
+        items = [_decode(v, budget, limits, depth + 1) for v in inner]
         return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
     if tag == "dict":
-        return {decode(k): decode(v) for k, v in inner}
+        return {_decode(k, budget, limits, depth + 1): _decode(v, budget, limits, depth + 1) for k, v in inner}
     if tag == "bytes":
         return bytes.fromhex(inner)
     if tag == "complex":
@@ -221,9 +235,14 @@ def decode(data):
 MAX_MESSAGE = 16 << 20
 
 
-def send(stream, message):
+def frame(message):
+    """A message as it crosses a pipe: its JSON's length (4 bytes, big-endian), then the JSON."""
     data = json.dumps(message).encode()
-    stream.write(len(data).to_bytes(4, "big") + data)
+    return len(data).to_bytes(4, "big") + data
+
+
+def send(stream, message):
+    stream.write(frame(message))
 
 
 def receive(stream):
