@@ -13,7 +13,7 @@ would), and the table gives wall seconds and the ratio busy / quiet. Policies:
 - short-spin: threads spin 10,000 times before they sleep (GOMP_SPINCOUNT=10000; libgomp's default
   spins 300,000 times, far longer than a neighbour's time slice leaves it)
 - free-cores: the cores not used by other processes, measured over 0.5 s when the work starts
-  (`evomerge.device.free_cores`)
+  (`evomerge.sharing.free_cores`)
 - free-cores+passive, free-cores+short-spin
 
 Usage: python benchmarks/shared_machine.py [--reps 12] [--policies all-cores passive short-spin ...]

@@ -9,6 +9,7 @@ import psutil
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.sharing import cores
 
 DTYPES = {
     "float32": torch.float32,
@@ -52,8 +53,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """How many cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    return len(cores())
 
 
 def use_threads(threads: int | None = None) -> int:

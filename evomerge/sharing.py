@@ -17,12 +17,13 @@ import time
 WAIT_ENV = "OMP_WAIT_POLICY"
 
 
-def _cores() -> set[int]:
+def cores() -> set[int]:
+    """The cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
-def _busy_ticks(cores: set[int]) -> int | None:
-    """Busy clock ticks so far on `cores`, from /proc/stat (None where there is none)."""
+def _busy_ticks(mine: set[int]) -> int | None:
+    """Busy clock ticks so far on the cores `mine`, from /proc/stat (None where there is none)."""
     try:
         with open("/proc/stat", encoding="ascii") as handle:
             lines = handle.read().splitlines()
@@ -31,7 +32,7 @@ def _busy_ticks(cores: set[int]) -> int | None:
     busy = 0
     for line in lines:
         name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in mine:
             ticks = [int(f) for f in fields]
             busy += sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # all but idle and iowait
     return busy
@@ -39,20 +40,20 @@ def _busy_ticks(cores: set[int]) -> int | None:
 
 def others_busy_cores(window: float = 0.05) -> float:
     """Cores' worth of work other processes did on this process's cores over `window` seconds."""
-    cores = _cores()
-    before, own_before, start = _busy_ticks(cores), sum(os.times()[:2]), time.monotonic()
+    mine = cores()
+    before, own_before, start = _busy_ticks(mine), sum(os.times()[:2]), time.monotonic()
     if before is None:
         return 0.0
     time.sleep(window)
-    after, own_after, elapsed = _busy_ticks(cores), sum(os.times()[:2]), time.monotonic() - start
+    after, own_after, elapsed = _busy_ticks(mine), sum(os.times()[:2]), time.monotonic() - start
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     return max(0.0, ((after or before) - before) / hz - (own_after - own_before)) / elapsed
 
 
 def free_cores(window: float = 0.5) -> int:
     """The available cores that other processes leave free (at least one)."""
-    cores = len(_cores())
-    return max(1, min(cores, round(cores - others_busy_cores(window))))
+    count = len(cores())
+    return max(1, min(count, round(count - others_busy_cores(window))))
 
 
 def choose_wait_policy() -> str | None:
