@@ -190,10 +190,7 @@ def write_report(storage: str, study_name: str, results_root: str | Path = "resu
     from evomerge.report.results import write_results
 
     storage = store.normalize_url(storage)
-    database = store.sqlite_path(storage)
-    if database is not None and not database.is_file():
-        raise EvomergeError(f"--storage: no study database at {database}")
-    study = store.load_study(storage, study_name)
+    study = store.load_study(storage, study_name)  # a SQLite file that is not there: refused, not created
     if heldout_space is None:  # the held-out table already written for this study's winner stays
         from evomerge.report.results import best_trial
 

@@ -73,15 +73,15 @@ def open_results(folder: Path, what: str) -> tuple[dict, optuna.Study]:
     if not isinstance(storage, str):
         raise EvomergeError(f"{what} {folder}: no study.db here and the summary names no storage; "
                             "was study.db moved? (--storage names it)")
-    database = sqlite_path(normalize_url(storage))
-    if database is not None and not database.is_file():
-        raise EvomergeError(f"{what} {folder}: the study database {database} is gone (moved or deleted?)")
     return summary, load_study(storage, summary["study"])
 
 
 def load_study(storage: str, study_name: str) -> optuna.Study:
     """An existing study, or one line: no such study, or a storage that cannot be read (a corrupt or
-    locked SQLite file, a wrong password)."""
+    locked SQLite file, a wrong password). A SQLite file that is not there is refused, not created."""
+    database = sqlite_path(normalize_url(storage))
+    if database is not None and not database.is_file():
+        raise EvomergeError(f"no study database at {database} (moved or deleted?)")
     opened = open_storage(storage, attempts=1)
     try:
         return optuna.load_study(study_name=study_name, storage=opened)
